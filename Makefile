@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch is pinned so a fresh machine without a GPU installs the CPU wheel instead of a multi-GB CUDA build.
+TORCH ?= torch==2.13.0
+
+.PHONY: venv train test lint ladder clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+# The main job: a small GPT-2 on the embedded Shakespeare corpus, on whatever device is there.
+train: venv
+	$(VENV)/bin/gpt2x-train $(ARGS)
+
+test: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check gpt2x tests experiments
+
+# The optimization ladder as a Hydra multirun (see experiments/ladder/README.md).
+ladder: venv
+	$(VENV)/bin/gpt2x-train -m +experiment=ladder $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,329 @@
+"""gpt2x-train: the Hydra entry point and the training loop.
+
+Reads top to bottom like build-nanogpt's train_gpt2.py: set up processes, device and precision, data, model,
+compile, parallel wrap, optimizer, then the step loop with its micro-steps inline. Every choice comes from the
+composed config (conf/config.yaml); each concern's code lives in its own module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2x import checkpoint, parallel
+from gpt2x.attention import check_attention
+from gpt2x.compile import apply_compile, check_compile
+from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+from gpt2x.data import build_loader
+from gpt2x.logger import build_logger
+from gpt2x.metrics import device_name, flops_per_token, peak_flops, peak_memory_bytes, synchronize, timing_summary
+from gpt2x.model import GPT, GPTConfig
+from gpt2x.optim import build_optimizer, lr_at
+from gpt2x.precision import apply_precision, check_precision
+from gpt2x.record import git_info, write_run_record
+from gpt2x.sample import generate
+from gpt2x.tokenizer import gpt2_encoding
+
+log = logging.getLogger("gpt2x")
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`auto` picks cuda, then mps, then cpu; a bare `cuda` means this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name}: CUDA is not available here; use device=auto or device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={name}: MPS is not available here; use device=auto or device=cpu")
+    return device
+
+
+def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
+    """Micro-steps per optimizer step so that B*T*world_size*steps == data.total_batch_size tokens."""
+    per_micro = cfg.data.batch_size * cfg.data.seq_len * world_size
+    total = cfg.data.total_batch_size or per_micro
+    if total % per_micro:
+        raise ValueError(
+            f"data.total_batch_size={total} is not divisible by data.batch_size*data.seq_len*world_size = "
+            f"{cfg.data.batch_size}*{cfg.data.seq_len}*{world_size} = {per_micro}; "
+            f"use a multiple of {per_micro}, e.g. {per_micro * max(1, round(total / per_micro))}"
+        )
+    return total // per_micro
+
+
+def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
+    """Cross-group rules, checked once before any work starts; each error names the settings involved."""
+    if cfg.data.seq_len > cfg.model.block_size:
+        raise ValueError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.block_size={cfg.model.block_size} (model={cfg.model.name}); "
+            f"use data.seq_len<={cfg.model.block_size}"
+        )
+    if cfg.data.batch_size < 1 or cfg.data.seq_len < 1:
+        raise ValueError("data.batch_size and data.seq_len must be positive")
+    if cfg.model.vocab_size < 50257:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than GPT-2's 50257 tokens")
+    if cfg.model.n_embd % cfg.model.n_head:
+        raise ValueError(f"model.n_embd={cfg.model.n_embd} is not divisible by model.n_head={cfg.model.n_head}")
+    if cfg.optim.max_steps < 1:
+        raise ValueError(f"optim.max_steps={cfg.optim.max_steps} must be at least 1")
+    grad_accum_steps(cfg, world_size)
+    check_precision(cfg.precision, device)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.autocast_dtype, torch.float32)
+    check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
+    check_compile(cfg.compile)
+    if cfg.parallel.name == "fsdp" and world_size < 2:
+        raise ValueError("parallel=fsdp needs at least 2 processes; set parallel.nproc_per_node>=2 or use parallel=single")
+
+
+def build_model(cfg: DictConfig) -> GPT:
+    """Random init at the configured size, or the weights of a transformers GPT-2 (model.init_from)."""
+    if cfg.model.init_from:
+        return GPT.from_pretrained(cfg.model.init_from, attention=cfg.attention.name, vocab_size=cfg.model.vocab_size)
+    return GPT(
+        GPTConfig(
+            block_size=cfg.model.block_size,
+            vocab_size=cfg.model.vocab_size,
+            n_layer=cfg.model.n_layer,
+            n_head=cfg.model.n_head,
+            n_embd=cfg.model.n_embd,
+            attention=cfg.attention.name,
+        )
+    )
+
+
+@torch.no_grad()
+def evaluate(model, loader, steps: int, precision, device: torch.device) -> float:
+    """Mean loss over `steps` val batches from the start of the val split, averaged over ranks."""
+    model.eval()
+    loader.reset()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = loader.next_batch()
+        with precision.autocast():
+            _, loss = model(x.to(device), y.to(device))
+        total += loss.detach().float()
+    model.train()
+    return parallel.all_reduce_mean(total / steps).item()
+
+
+def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
+    """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text."""
+    enc = gpt2_encoding()
+    idx = torch.tensor(enc.encode(cfg.sample_prompt), dtype=torch.long, device=device)
+    idx = idx.unsqueeze(0).repeat(cfg.sample_count, 1)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    out = generate(model, idx, cfg.sample_max_tokens, top_k=cfg.sample_top_k, generator=gen)
+    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+
+
+def is_due(step: int, interval: int, last: bool) -> bool:
+    return last or (interval > 0 and step > 0 and step % interval == 0)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Run one training job in this process (one rank of it under DDP/FSDP). Returns the summary."""
+    # -- processes, device, precision
+    device = resolve_device(cfg.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
+    dist_info = parallel.init_distributed(cfg.parallel, device.type)
+    rank, world_size = dist_info.rank, dist_info.world_size
+    validate(cfg, device, world_size)
+    precision = apply_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # same init on every rank
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+    # -- data: each rank reads its own B*T windows of the same stream
+    B, T = cfg.data.batch_size, cfg.data.seq_len
+    accum = grad_accum_steps(cfg, world_size)
+    train_loader = build_loader(cfg.data, "train", rank=rank, world_size=world_size, seed=cfg.seed)
+    val_loader = build_loader(cfg.data, "val", rank=rank, world_size=world_size, seed=cfg.seed)
+
+    # -- model: build, compile, then wrap for data parallelism (torchtitan's order)
+    raw_model = build_model(cfg).to(device)
+    model = apply_compile(raw_model, cfg.compile)
+    model = parallel.apply_parallel(model, cfg.parallel, dist_info, device)
+    optimizer = build_optimizer(raw_model, cfg.optim, device.type)
+
+    # -- bookkeeping: run record, logger, MFU reference
+    tokens_per_step = B * T * accum * world_size
+    flops_tok = flops_per_token(cfg.model, T)
+    peak = peak_flops(device, precision.compute_dtype, precision.uses_tf32, cfg.cache_dir) * world_size
+    logger = build_logger(cfg, run_dir, dist_info.is_main)
+    if dist_info.is_main:
+        write_run_record(
+            cfg,
+            run_dir,
+            {
+                "world_size": world_size,
+                "grad_accum_steps": accum,
+                "tokens_per_step": tokens_per_step,
+                "params": raw_model.num_params(non_embedding=False),
+                "flops_per_token": flops_tok,
+                "peak_flops": peak,
+                "device": str(device),
+                "device_name": device_name(device),
+            },
+        )
+        log.info(
+            "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s precision=%s attention=%s compile=%s",
+            cfg.model.name, raw_model.num_params(non_embedding=False) / 1e6, cfg.data.name, B, T, accum, world_size,
+            device, cfg.precision.name, cfg.attention.name, cfg.compile.name,
+        )  # fmt: skip
+
+    # -- resume: model, optimizer, data position and RNG continue exactly where the checkpoint left them
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    resume_path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume
+    if resume_path:
+        state = checkpoint.load(resume_path)
+        raw_model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train_loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
+        checkpoint.restore_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        start_step = state["step"] + 1
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    step_ms: list[float] = []
+    last_loss = val_loss = float("nan")
+    max_steps = cfg.optim.max_steps
+    for step in range(start_step, max_steps):
+        last = step == max_steps - 1
+        metrics = {}
+        if is_due(step, cfg.eval_interval, last):
+            metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
+        if cfg.hellaswag_interval and is_due(step, cfg.hellaswag_interval, last):
+            metrics["hellaswag"] = hellaswag_accuracy(model, cfg, precision, device, dist_info)
+        if dist_info.is_main and is_due(step, cfg.sample_interval, last):
+            logger.log_samples(step, sample(raw_model, cfg, device))
+
+        # -- one optimizer step over `accum` micro-batches
+        synchronize(device)
+        t0 = time.perf_counter()
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=device)
+        for micro_step in range(accum):
+            x, y = train_loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with parallel.maybe_no_sync(model, sync=micro_step == accum - 1), precision.autocast():
+                _, loss = model(x, y)
+            # The loss is a mean over one micro-batch; gradients add up over micro-steps, so divide to get the
+            # gradient of the mean over the whole batch rather than the sum of `accum` means.
+            loss = loss / accum
+            loss_accum += loss.detach()
+            precision.scaler.scale(loss).backward()
+        parallel.all_reduce_mean(loss_accum)
+        precision.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        lr = lr_at(step, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        synchronize(device)
+        dt = time.perf_counter() - t0
+
+        last_loss, norm = loss_accum.item(), grad_norm.item()
+        if not math.isfinite(last_loss) or (not math.isfinite(norm) and not precision.scaler.is_enabled()):
+            raise FloatingPointError(
+                f"step {step}: loss={last_loss} grad_norm={norm} is not finite; stopping. The last good checkpoint "
+                f"(if any) is in {ckpt_dir}; lower optim.lr or try precision=fp32 / bf16."
+            )
+        if step - start_step >= cfg.timing_warmup_steps:
+            step_ms.append(dt * 1000)
+        tokens_per_sec = tokens_per_step / dt
+        metrics |= {
+            "loss": last_loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "ms_per_batch": dt * 1000,
+            "tokens_per_sec": tokens_per_sec,
+            "mfu": flops_tok * tokens_per_sec / peak,
+        }
+        if step % cfg.log_interval == 0 or last or "val_loss" in metrics:
+            metrics["peak_mem_bytes"] = peak_memory_bytes(device)
+            logger.log(step, metrics)
+
+        if cfg.checkpoint_interval > 0 and is_due(step, cfg.checkpoint_interval, last):
+            save_checkpoint(ckpt_dir, step, raw_model, optimizer, train_loader, cfg, dist_info)
+
+    summary = {
+        "steps": max_steps,
+        "final_loss": last_loss,
+        "final_val_loss": val_loss,
+        **timing_summary(step_ms, tokens_per_step, flops_tok, peak),
+        "peak_mem_bytes": peak_memory_bytes(device),
+        "tokens_per_step": tokens_per_step,
+        "grad_accum_steps": accum,
+        "world_size": world_size,
+        "device": str(device),
+        "device_name": device_name(device),
+        "peak_flops": peak,
+        "torch_version": torch.__version__,
+        "git_commit": git_info().get("commit"),
+        "config": {k: cfg[k].name for k in ("model", "data", "precision", "attention", "compile", "parallel")},
+        "rung": cfg.rung,
+        "experiment": cfg.experiment,
+    }
+    logger.finish(summary)
+    parallel.destroy()
+    return summary
+
+
+def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, dist_info) -> float:
+    """HellaSwag acc_norm over the val set (or its first hellaswag_limit examples), split across ranks."""
+    from gpt2x import hellaswag
+
+    path = cfg.hellaswag_path or hellaswag.download("val", Path(cfg.cache_dir).expanduser() / "hellaswag")
+    correct, total = hellaswag.evaluate(
+        model, path, device, precision.autocast, dist_info.rank, dist_info.world_size, cfg.hellaswag_limit
+    )
+    model.train()
+    return correct / max(1, total)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg: DictConfig, dist_info) -> None:
+    """Everything needed to continue bit-exactly: weights, optimizer, schedule step, per-rank data position and RNG."""
+    loaders, rngs = [loader.state_dict()], [checkpoint.capture_rng_state()]
+    if dist_info.world_size > 1:
+        loaders, rngs = [None] * dist_info.world_size, [None] * dist_info.world_size
+        torch.distributed.all_gather_object(loaders, loader.state_dict())
+        torch.distributed.all_gather_object(rngs, checkpoint.capture_rng_state())
+    if dist_info.is_main:
+        state = {
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": step,
+            "loader": loaders,
+            "rng": rngs,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        checkpoint.save(ckpt_dir, step, state, keep=cfg.keep_checkpoints)
+
+
+# conf/ sits beside the package (the repo layout); an absolute path works for editable installs and `python -m`.
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the final val loss for sweepers."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    summary = parallel.launch(train, cfg, run_dir)
+    return summary.get("final_val_loss", float("nan"))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,7 @@ from gpt2x import checkpoint, parallel
 from gpt2x.attention import check_attention
 from gpt2x.compile import apply_compile, check_compile
 from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
-from gpt2x.data import build_loader
+from gpt2x.data import build_loader, prepare_dataset
 from gpt2x.logger import build_logger
 from gpt2x.metrics import device_name, flops_per_token, peak_flops, peak_memory_bytes, synchronize, timing_summary
 from gpt2x.model import GPT, GPTConfig
@@ -147,6 +147,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # -- data: each rank reads its own B*T windows of the same stream
     B, T = cfg.data.batch_size, cfg.data.seq_len
     accum = grad_accum_steps(cfg, world_size)
+    if world_size > 1:  # rank 0 tokenizes a cold cache once; the others wait and then read it
+        if dist_info.is_main:
+            prepare_dataset(cfg.data)
+        torch.distributed.barrier()
     train_loader = build_loader(cfg.data, "train", rank=rank, world_size=world_size, seed=cfg.seed)
     val_loader = build_loader(cfg.data, "val", rank=rank, world_size=world_size, seed=cfg.seed)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from gpt2x.config import GROUPS, OptimConfig
@@ -50,9 +51,10 @@ def test_an_unknown_model_name_fails_listing_the_valid_ones():
 
 
 def test_run_and_multirun_dirs_live_under_outputs():
-    hydra = compose(return_hydra_config=True).hydra
-    assert hydra.run.dir.startswith("outputs/")
-    assert hydra.sweep.dir.startswith("outputs/multirun/") and hydra.sweep.subdir == "${hydra.job.num}"
+    hydra = OmegaConf.to_container(compose(return_hydra_config=True).hydra)  # unresolved: no job is running
+    assert hydra["run"]["dir"] == "outputs/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    assert hydra["sweep"]["dir"] == "outputs/multirun/${now:%Y-%m-%d}/${now:%H-%M-%S}"
+    assert hydra["sweep"]["subdir"] == "${hydra.job.num}"
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_ten_percent():

@@ -1,5 +1,7 @@
 """Autoregressive text generation from a GPT."""
 
+from __future__ import annotations
+
 import torch
 import torch.nn.functional as F
 
@@ -41,3 +43,64 @@ def _unwrap(model):
     while not hasattr(model, "config") and hasattr(model, "module"):
         model = model.module
     return model
+
+
+def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
+    """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir)."""
+    from gpt2x import checkpoint
+    from gpt2x.model import GPT, GPTConfig
+
+    if bool(checkpoint_path) == bool(pretrained):
+        raise ValueError("give exactly one of --checkpoint PATH or --pretrained NAME_OR_DIR")
+    if pretrained:
+        model = GPT.from_pretrained(pretrained)
+    else:
+        state = checkpoint.load(checkpoint_path)
+        m = state["config"]["model"]
+        model = GPT(
+            GPTConfig(
+                block_size=m["block_size"],
+                vocab_size=m["vocab_size"],
+                n_layer=m["n_layer"],
+                n_head=m["n_head"],
+                n_embd=m["n_embd"],
+                attention=state["config"]["attention"]["name"],
+            )
+        )
+        model.load_state_dict(state["model"])
+    return model.to(device).eval()
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """gpt2x-sample: print continuations of a prompt from a checkpoint or pretrained GPT-2 weights."""
+    import argparse
+
+    from gpt2x.tokenizer import gpt2_encoding
+
+    p = argparse.ArgumentParser(prog="gpt2x-sample", description=main.__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a gpt2x checkpoint (<run_dir>/checkpoints/step_NNNNNN.pt)")
+    src.add_argument("--pretrained", help="transformers GPT-2: hub name (gpt2, gpt2-medium, ...) or local directory")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num-samples", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per sample")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    model = load_model(args.checkpoint, args.pretrained, args.device)
+    enc = gpt2_encoding()
+    idx = torch.tensor(enc.encode(args.prompt), dtype=torch.long, device=args.device)
+    idx = idx.unsqueeze(0).repeat(args.num_samples, 1)
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = generate(model, idx, args.max_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
+    texts = [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+    for i, text in enumerate(texts):
+        print(f"--- sample {i}\n{text}", flush=True)
+    return texts
+
+
+if __name__ == "__main__":
+    main()

@@ -41,6 +41,24 @@ def gpt2x_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def hf_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random transformers GPT-2 (real 50257-token vocabulary) saved with save_pretrained."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_positions=64, vocab_size=50257, n_layer=2, n_head=2, n_embd=32)
+    hf = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        # move every parameter off its init (biases 0, LayerNorm 1) so a wrongly copied or untransposed one shows up
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path_factory.mktemp("hf_gpt2")
+    hf.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_shakespeare() -> Path:
     if not TINY_SHAKESPEARE.exists():

@@ -13,18 +13,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=32)
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    """A tiny random transformers GPT-2 (real 50257-token vocabulary) saved with save_pretrained."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_positions=64, vocab_size=50257, **TINY)
-    hf = transformers.GPT2LMHeadModel(config)
-    with torch.no_grad():
-        # move every parameter off its init (biases 0, LayerNorm 1) so a wrongly copied or untransposed one shows up
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    path = tmp_path_factory.mktemp("hf_gpt2")
-    hf.save_pretrained(path)
-    return path
+def hf_dir(hf_gpt2_dir):
+    return hf_gpt2_dir
 
 
 def _hf_logits(path, idx):

@@ -75,9 +75,13 @@ class NullLogger:
 class RunLogger:
     """Main-rank logger: console + `metrics.jsonl` + `samples.jsonl` + `summary.json`, and an optional W&B run."""
 
-    def __init__(self, run_dir: Path, wandb_run: Any = None):
+    def __init__(self, run_dir: Path, wandb_run: Any = None, start_step: int = 0):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # A run resumed at start_step continues the history of the run that was killed: the lines that run logged
+        # after its last checkpoint are about to be logged again, so they go.
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            drop_rows_from(self.run_dir / name, start_step)
         self.wandb_run = wandb_run
         self._samples_table = None
         self._finished = False
@@ -215,7 +219,22 @@ def format_metrics(step: int, m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
-def build_logger(cfg: DictConfig, run_dir: str | Path, is_main: bool) -> RunLogger | NullLogger:
+def drop_rows_from(path: Path, start_step: int) -> None:
+    """Rewrite a jsonl history without its rows of step >= start_step (atomically; nothing to do if none)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    # a line cut short by a kill mid-write is dropped too
+    kept = [ln for ln in lines if ln.endswith("\n") and json.loads(ln).get("step", -1) < start_step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def build_logger(
+    cfg: DictConfig, run_dir: str | Path, is_main: bool, start_step: int = 0
+) -> RunLogger | NullLogger:
     """Make the run's logger from the composed config: NullLogger off the main rank, else RunLogger.
 
     With `logger.name=wandb` a W&B run is started inside `run_dir` (name = task overrides, group = the
@@ -231,7 +250,7 @@ def build_logger(cfg: DictConfig, run_dir: str | Path, is_main: bool) -> RunLogg
         raise ValueError(f"logger.name={name!r} is not a known logger; set logger.name to 'none' or 'wandb'")
     run_dir.mkdir(parents=True, exist_ok=True)
     wandb_run = _start_wandb(cfg, run_dir) if name == "wandb" else None
-    return RunLogger(run_dir, wandb_run)
+    return RunLogger(run_dir, wandb_run, start_step)
 
 
 def _ensure_console() -> None:

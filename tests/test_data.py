@@ -159,11 +159,13 @@ def test_loader_state_is_shared_by_all_ranks(tmp_path):
     assert torch.equal(resumed1.next_batch()[0], rank1.next_batch()[0])
 
 
-def test_loader_rejects_a_shard_smaller_than_one_step_and_bad_sizes(tmp_path):
+def test_loader_skips_a_short_tail_shard_but_rejects_data_smaller_than_one_step_and_bad_sizes(tmp_path, caplog):
     paths = make_shards(tmp_path, [100, 16])
-    with pytest.raises(ValueError, match=r"train_000001.npy has 16 tokens.*data.batch_size \* data.seq_len"):
-        ShardLoader(paths, B=2, T=4, world_size=2)  # needs 2*4*2 + 1 = 17
+    loader = ShardLoader(paths, B=2, T=4, world_size=2)  # needs 2*4*2 + 1 = 17: the 16-token tail is skipped
+    assert loader.shard_paths == paths[:1] and "skipping token shard" in caplog.text
     ShardLoader(paths, B=3, T=5)  # 16 = 3*5 + 1 fits
+    with pytest.raises(ValueError, match=r"train_000000.npy has 100 tokens.*data.batch_size \* data.seq_len"):
+        ShardLoader(paths, B=10, T=10)  # no shard can feed one step
     for B, T in [(0, 4), (2, 0), (-1, 4)]:
         with pytest.raises(ValueError, match="data.batch_size.*data.seq_len.*positive"):
             ShardLoader(paths, B=B, T=T)
@@ -279,7 +281,7 @@ def test_prepare_rejects_a_val_fraction_that_empties_a_split(tmp_path, corpus):
 
 
 def test_prepare_dataset_lists_the_valid_names_for_an_unknown_one(tmp_path):
-    with pytest.raises(ValueError, match=r"data.name='fineweb'.*\['shakespeare', 'text', 'tinyshakespeare'\]"):
+    with pytest.raises(ValueError, match=r"data.name='fineweb'.*\['fineweb_edu', 'shakespeare', 'text', 'tinyshakespeare'\]"):
         prepare_dataset(data_config(tmp_path, name="fineweb"))
     assert {"shakespeare", "tinyshakespeare", "text"} <= set(DATASETS)
 

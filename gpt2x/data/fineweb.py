@@ -9,6 +9,8 @@ uninterrupted one. Building 10B tokens takes a while and is never done implicitl
 shards and otherwise says which `gpt2x-prepare` command builds them.
 """
 
+import fcntl
+import functools
 import hashlib
 import json
 import multiprocessing as mp
@@ -35,9 +37,7 @@ _CHUNKSIZE = 16  # documents per worker task, as in build-nanogpt
 
 def tokenize_document(text: str) -> np.ndarray:
     """[EOT] + the GPT-2 tokens of `text`, as uint16 (EOT first: it marks where a document starts)."""
-    tokens = np.empty(1, dtype=np.uint16)
-    tokens[0] = EOT
-    return np.concatenate([tokens, np.asarray(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)])
+    return np.asarray([EOT] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids all fit 16 bits
 
 
 def shard_name(index: int) -> str:
@@ -59,6 +59,23 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _lock(out_dir: Path):
+    """An exclusive lock on `out_dir` (released when the returned file closes), so two preps never interleave."""
+    f = open(out_dir / ".lock", "a")  # "a": never truncates or touches a lock another process holds
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise RuntimeError(f"another gpt2x-prepare is writing {out_dir}; wait for it or use another --out") from None
+    return f
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    # Left by a killed run: the manifest's temp file and write_shard's "<shard>.npy.<pid>.<id>.tmp".
+    for path in [*out_dir.glob(f".{MANIFEST}.*.tmp"), *out_dir.glob("*.npy.*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
 def _normalize_data_files(data_files) -> list[str] | None:
     # Store existing local files as absolute paths, so a resume from another working directory still matches.
     if data_files is None:
@@ -74,24 +91,25 @@ def _load_stream(source: str, name: str | None, split: str, data_files):
     return load_dataset(source, name=name, split=split, data_files=data_files, streaming=True)
 
 
-def _json_state(ds) -> dict | None:
-    # The stream's own position (shard + example index) lets a resume seek instead of re-reading every document.
-    try:
-        state = ds.state_dict()
-        json.dumps(state)
-        return state
-    except Exception:  # a source without resumable state, or with non-JSON values: fall back to skipping
-        return None
-
-
 class _DocStream:
-    """Texts of the dataset in order, from document `start` on, read in batches with the stream state at each
-    batch start (used to seek on resume)."""
+    """The dataset's document texts in order from document `start` on, read in batches; each batch comes with the
+    stream state just before its first document, which a later resume can seek to instead of re-reading."""
 
-    def __init__(self, ds, text_field: str, start: int, stop: int | None, manifest: dict | None):
-        self.ds, self.text_field, self.stop = ds, text_field, stop
-        self.it = self._seek(start, manifest)
+    def __init__(self, load, text_field: str, start: int, stop: int | None, seek: dict | None):
+        self.load, self.text_field, self.stop = load, text_field, stop
         self.next_doc = start
+        self.ds = load()
+        # `ds.state_dict()` describes the current iterator only once it has yielded a document; before that, the
+        # position is the state we sought to (or the start of the stream, which needs no state).
+        self.start_state, self.pulled = None, False
+        if seek and seek.get("stream_state") is not None and 0 < seek["stream_doc"] <= start:
+            if self._seek(seek["stream_state"], seek["stream_doc_sha1"]):
+                if start == seek["stream_doc"]:
+                    self.start_state = seek["stream_state"]
+                self.it = self._skip(iter(self.ds), start - seek["stream_doc"])
+                return
+            self.ds = load()
+        self.it = self._skip(iter(self.ds), start)
 
     def _text(self, example) -> str:
         try:
@@ -102,52 +120,49 @@ class _DocStream:
                 "pass --text-field (data.text_field) naming the column with the document text"
             ) from None
 
-    def _seek(self, start: int, manifest: dict | None) -> Iterator:
-        state, state_doc = (manifest or {}).get("stream_state"), (manifest or {}).get("stream_doc", 0)
-        if state is not None and 0 < state_doc <= start:
-            try:
-                self.ds.load_state_dict(state)
-                it = iter(self.ds)
-                first = next(it, None)
-                if first is not None and _text_sha1(self._text(first)) == manifest.get("stream_doc_sha1"):
-                    return self._skip(self._prepend(first, it), start - state_doc)
-            except ValueError:
-                raise
-            except Exception as e:
-                warnings.warn(f"could not seek the stream with its saved state ({e}); re-reading from the start")
-            else:
-                warnings.warn("the stream's saved state no longer points at the same document; re-reading it")
-            self.ds.load_state_dict(_fresh_state(self.ds))
-        return self._skip(iter(self.ds), start)
+    def _seek(self, state: dict, first_sha1: str) -> bool:
+        """Move the stream to `state`, checking that the document there is the one recorded with it."""
+        try:
+            self.ds.load_state_dict(state)
+            first = next(iter(self.ds), None)
+            if first is not None and _text_sha1(self._text(first)) == first_sha1:
+                self.ds.load_state_dict(state)  # rewind past the document just read
+                return True
+            warnings.warn("the saved stream state points at another document; re-reading the stream", stacklevel=3)
+        except ValueError:
+            raise
+        except Exception as e:  # e.g. a `datasets` version with another state layout
+            warnings.warn(f"cannot seek the stream to its saved state ({e}); re-reading the stream", stacklevel=3)
+        return False
 
-    @staticmethod
-    def _prepend(first, it):
-        yield first
-        yield from it
-
-    @staticmethod
-    def _skip(it, n: int) -> Iterator:
-        for _ in tqdm(range(n), desc="skipping prepared documents", unit="doc", disable=n < 10_000):
+    def _skip(self, it: Iterator, n: int) -> Iterator:
+        for _ in tqdm(range(n), desc="skipping documents already in shards", unit="doc", disable=n < 100_000):
             if next(it, None) is None:
                 break
+            self.pulled = True
         return it
 
     def next_batch(self) -> tuple[int, dict | None, list[str]]:
-        """(index of the batch's first document, stream state before it, texts); texts is empty at the end."""
-        first, state = self.next_doc, _json_state(self.ds)
+        """(index of the batch's first document, stream state before it or None, texts); no texts at the end."""
+        first = self.next_doc
+        state = self._state() if self.pulled else self.start_state
         n = _BATCH_DOCS if self.stop is None else max(0, min(_BATCH_DOCS, self.stop - first))
         texts = []
-        for example in self.it:
+        for example in self.it if n else ():
             texts.append(self._text(example))
             if len(texts) == n:
                 break
         self.next_doc += len(texts)
+        self.pulled = self.pulled or bool(texts)
         return first, state, texts
 
-
-def _fresh_state(ds) -> dict:
-    # load_state_dict needs a full state; a just-built dataset's state_dict() is "at the start".
-    return ds.state_dict()
+    def _state(self) -> dict | None:
+        try:
+            state = self.ds.state_dict()
+            json.dumps(state)  # it goes into the JSON manifest
+            return state
+        except Exception:  # a source without resumable state: resuming will re-read the stream instead
+            return None
 
 
 def _map(pool, texts: list[str]):
@@ -189,81 +204,34 @@ def prepare_fineweb(
         "max_docs": max_docs,
         "tokenizer": "gpt2",
     }
-    manifest_path = out_dir / MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
-    if manifest is None:
-        if any(out_dir.glob("*.npy")):
+    with _lock(out_dir):
+        _remove_stale_temps(out_dir)
+        manifest_path = out_dir / MANIFEST
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
+            if changed:
+                diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise ValueError(
+                    f"{out_dir} was prepared with other settings ({diff}); rerun with the original settings to "
+                    "resume, or pass another --out (data.path)"
+                )
+            if manifest["complete"]:
+                return out_dir
+        elif any(out_dir.glob("*.npy")):
             raise ValueError(
                 f"{out_dir} holds .npy shards but no {MANIFEST}, so they were not made by gpt2x-prepare and cannot be "
                 "resumed; pass another --out (data.path) or empty that directory"
             )
-        manifest = {**settings, "shards": [], "docs_done": 0, "token_offset": 0, "tokens": 0, "complete": False}
-    else:
-        changed = {k: (manifest.get(k), v) for k, v in settings.items() if manifest.get(k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(
-                f"{out_dir} was prepared with other settings ({diff}); rerun with the original settings to resume, "
-                "or pass another --out (data.path)"
-            )
-        if manifest["complete"]:
-            return out_dir
-
-    ds = _load_stream(source, name, split, data_files)
-    docs = _DocStream(ds, text_field, manifest["docs_done"], max_docs, manifest)
-    buf = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
-    fill = 0
-    skip = manifest["token_offset"]  # tokens of the first document already in the previous shard
-    progress = tqdm(unit="tok", unit_scale=True, initial=manifest["tokens"], desc=f"tokenizing {source} -> {out_dir}")
-
-    def finish_shard(n: int, docs_done: int, token_offset: int, batch_first: int, batch_state, batch_sha1) -> None:
-        index = len(manifest["shards"])
-        write_shard(out_dir / shard_name(index), buf[:n])
-        manifest["shards"].append(shard_name(index))
-        manifest.update(docs_done=docs_done, token_offset=token_offset, tokens=manifest["tokens"] + n)
-        manifest.update(stream_doc=batch_first, stream_state=batch_state, stream_doc_sha1=batch_sha1)
-        _write_json_atomic(manifest_path, manifest)  # after the shard: a kill in between just redoes this shard
-
-    pool = mp.Pool(num_proc) if num_proc > 1 else None
-    try:
-        # Two batches in flight: the workers tokenize one while this process reads the next from the stream.
-        pending = deque()
-        while True:
-            first, state, texts = docs.next_batch()
-            if texts:
-                pending.append((first, state, _text_sha1(texts[0]), _map(pool, texts)))
-            if not pending or (texts and len(pending) < 2):
-                if not pending:
-                    break
-                continue
-            batch_first, batch_state, batch_sha1, token_arrays = pending.popleft()
-            for doc_index, tokens in enumerate(token_arrays, start=batch_first):
-                pos, skip = skip, 0
-                while pos < len(tokens):
-                    n = min(shard_size - fill, len(tokens) - pos)
-                    buf[fill : fill + n] = tokens[pos : pos + n]
-                    fill, pos = fill + n, pos + n
-                    progress.update(n)
-                    if fill == shard_size:
-                        done = pos == len(tokens)  # the resume point: next document, or the rest of this one
-                        finish_shard(
-                            fill, doc_index + done, 0 if done else pos, batch_first, batch_state, batch_sha1
-                        )
-                        fill = 0
-        if manifest["tokens"] + fill == 0:
-            raise ValueError(
-                f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents; "
-                "check --source/--name/--split/--data-files"
-            )
-        if fill:
-            finish_shard(fill, docs.next_doc, 0, docs.next_doc, None, None)
-        manifest["complete"] = True
-        _write_json_atomic(manifest_path, manifest)
-    finally:
-        progress.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+        else:
+            manifest = {**settings, "shards": [], "docs_done": 0, "token_offset": 0, "tokens": 0, "complete": False}
+        load = functools.partial(_load_stream, source, name, split, data_files)
+        _fill_shards(out_dir, manifest, load, text_field, shard_size, num_proc, max_docs)
+    if manifest["tokens"] == 0:
+        raise ValueError(
+            f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents; "
+            "check --source, --name, --split and --data-files"
+        )
     if len(manifest["shards"]) < 2:
         warnings.warn(
             f"{out_dir} has a single shard ({manifest['tokens']} tokens), which is the val split: there is no "
@@ -273,15 +241,86 @@ def prepare_fineweb(
     return out_dir
 
 
-def prepare_command(cfg, out_dir: str | os.PathLike) -> str:
-    """The `gpt2x-prepare` command line that builds the shards data config `cfg` asks for."""
-    args = ["gpt2x-prepare", "--source", cfg.hf_path]
-    if cfg.hf_name is not None:
-        args += ["--name", cfg.hf_name]
-    elif cfg.hf_path == DEFAULT_SOURCE:
-        args += ["--name", ""]
-    args += ["--split", cfg.hf_split, "--text-field", cfg.text_field, "--out", str(out_dir)]
-    args += ["--shard-size", str(cfg.shard_size), "--num-proc", str(cfg.num_proc)]
+def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_size: int, num_proc: int, max_docs):
+    """Stream documents from the manifest's position on into shards, updating the manifest after each shard."""
+    buf = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
+    fill = 0
+    skip = manifest["token_offset"]  # tokens of the first document that are already in the previous shard
+
+    def finish_shard(docs_done: int, token_offset: int, batch_first: int, batch_state, batch_sha1) -> None:
+        index = len(manifest["shards"])
+        write_shard(out_dir / shard_name(index), buf[:fill])
+        manifest["shards"].append(shard_name(index))
+        manifest.update(docs_done=docs_done, token_offset=token_offset, tokens=manifest["tokens"] + fill)
+        manifest.update(stream_doc=batch_first, stream_state=batch_state, stream_doc_sha1=batch_sha1)
+        _write_json_atomic(out_dir / MANIFEST, manifest)  # after the shard: a kill in between only redoes this shard
+
+    gpt2_encoding()  # build it once here; forked workers inherit it
+    pool = mp.Pool(num_proc) if num_proc > 1 else None  # started before `datasets` runs any threads
+    progress = tqdm(unit="tok", unit_scale=True, initial=manifest["tokens"], desc=f"tokenizing into {out_dir}")
+    try:
+        docs = _DocStream(load, text_field, manifest["docs_done"], max_docs, manifest)
+        pending = deque()  # batches handed to the workers: (first doc index, stream state, sha1 of its text, tokens)
+        exhausted = False
+        while True:
+            # Two batches in flight: the workers tokenize one while this process reads the next from the stream.
+            while not exhausted and len(pending) < 2:
+                first, state, texts = docs.next_batch()
+                if texts:
+                    pending.append((first, state, _text_sha1(texts[0]), _map(pool, texts)))
+                exhausted = not texts
+            if not pending:
+                break
+            batch_first, batch_state, batch_sha1, token_arrays = pending.popleft()
+            for doc_index, tokens in enumerate(token_arrays, start=batch_first):
+                pos, skip = skip, 0
+                while pos < len(tokens):  # a long document may fill several shards
+                    n = min(shard_size - fill, len(tokens) - pos)
+                    buf[fill : fill + n] = tokens[pos : pos + n]
+                    fill, pos = fill + n, pos + n
+                    progress.update(n)
+                    if fill == shard_size:
+                        # resume point: the next document, or the rest of this one if it continues in the next shard
+                        done = pos == len(tokens)
+                        finish_shard(doc_index + done, 0 if done else pos, batch_first, batch_state, batch_sha1)
+                        fill = 0
+        if fill:  # the last, shorter shard
+            finish_shard(docs.next_doc, 0, docs.next_doc, None, None)
+        if manifest["tokens"]:
+            manifest["complete"] = True
+            _write_json_atomic(out_dir / MANIFEST, manifest)
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+
+
+def prepare_command(
+    source: str,
+    name: str | None,
+    split: str,
+    text_field: str,
+    out_dir: str | os.PathLike,
+    shard_size: int,
+    num_proc: int | None = None,
+    data_files: list[str] | None = None,
+    max_docs: int | None = None,
+) -> str:
+    """The `gpt2x-prepare` command line for these settings (what `prepare` tells the user to run)."""
+    args = ["gpt2x-prepare", "--source", source]
+    if name is not None:
+        args += ["--name", name]
+    elif source == DEFAULT_SOURCE:
+        args += ["--name", ""]  # the CLI's default name for FineWeb-Edu is sample-10BT
+    args += ["--split", split, "--text-field", text_field]
+    if data_files:
+        args += ["--data-files", *data_files]
+    args += ["--out", str(out_dir), "--shard-size", str(shard_size)]
+    if num_proc is not None:
+        args += ["--num-proc", str(num_proc)]
+    if max_docs is not None:
+        args += ["--max-docs", str(max_docs)]
     return shlex.join(args)
 
 
@@ -292,14 +331,18 @@ def prepare(cfg) -> Path:
     (10B tokens are too many to build as a side effect of starting a training run).
     """
     out_dir = Path(cfg.path).expanduser() if cfg.path else Path(cfg.cache_dir) / "fineweb_edu"
-    command = prepare_command(cfg, out_dir)
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         if not manifest.get("complete"):
+            m = manifest  # the resume must repeat the settings the prep started with
+            resume = prepare_command(
+                m["source"], m["name"], m["split"], m["text_field"], out_dir, m["shard_size"], cfg.num_proc,
+                m["data_files"], m["max_docs"],
+            )  # fmt: skip
             raise FileNotFoundError(
                 f"the shards in {out_dir} (data.path) are unfinished ({len(manifest['shards'])} written); rerun "
-                f"`{command}` to continue where it stopped"
+                f"`{resume}` to continue where it stopped"
             )
         if (manifest["source"], manifest["name"], manifest["split"]) != (cfg.hf_path, cfg.hf_name, cfg.hf_split):
             raise ValueError(
@@ -309,6 +352,9 @@ def prepare(cfg) -> Path:
             )
     if any(out_dir.glob("train_*.npy")) and any(out_dir.glob("val_*.npy")):
         return out_dir
+    command = prepare_command(
+        cfg.hf_path, cfg.hf_name, cfg.hf_split, cfg.text_field, out_dir, cfg.shard_size, cfg.num_proc
+    )
     raise FileNotFoundError(
         f"no train and val shards in {out_dir} (data.path; default <data.cache_dir>/fineweb_edu); build them once "
         f"with `{command}` (sample-10BT is ~10B tokens, ~20 GB of shards), or set data.path to a directory of "

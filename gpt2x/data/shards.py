@@ -7,6 +7,7 @@ into such a directory, cached by content; `ShardLoader` walks the shards like bu
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -17,6 +18,8 @@ import numpy as np
 import torch
 
 from gpt2x.tokenizer import EOT, gpt2_encoding
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 
@@ -189,14 +192,22 @@ class ShardLoader:
         self.seed, self.shuffle_shards = seed, shuffle_shards
         self.shard_paths = [Path(p) for p in shard_paths]
         self.window = B * T * world_size  # tokens consumed per step by all ranks together
+        # mmap reads only the header: cheap, and fails before training. A short tail shard (the last one a prep
+        # writes) is skipped as long as others can feed a step; if none can, the sizes are wrong for this data.
+        sizes = {path: len(load_shard(path, mmap=True)) for path in self.shard_paths}
+        usable = [path for path in self.shard_paths if sizes[path] >= self.window + 1]
+        if not usable:
+            path = max(sizes, key=sizes.get)
+            raise ValueError(
+                f"token shard {path} has {sizes[path]} tokens, fewer than one step needs: data.batch_size * "
+                f"data.seq_len * world_size + 1 = {B} * {T} * {world_size} + 1 = {self.window + 1}; lower "
+                "data.batch_size or data.seq_len (or use more text / a larger data.shard_size or data.val_fraction)"
+            )
         for path in self.shard_paths:
-            n = len(load_shard(path, mmap=True))  # mmap reads only the header: cheap, and fails before training
-            if n < self.window + 1:
-                raise ValueError(
-                    f"token shard {path} has {n} tokens, fewer than one step needs: data.batch_size * data.seq_len "
-                    f"* world_size + 1 = {B} * {T} * {world_size} + 1 = {self.window + 1}; lower data.batch_size "
-                    "or data.seq_len (or use more text / a larger data.shard_size or data.val_fraction)"
-                )
+            if path not in usable:
+                log.warning("skipping token shard %s: %d tokens is less than one step (%d)", path, sizes[path],
+                            self.window + 1)  # fmt: skip
+        self.shard_paths = usable
         self.reset()
 
     def _order(self, epoch: int) -> list[int]:

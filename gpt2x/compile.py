@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,14 +14,41 @@ from gpt2x.config import CompileConfig
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check_compile(cfg: CompileConfig) -> None:
-    """Fail before training on a mode torch.compile does not know."""
-    if cfg.enabled and cfg.mode not in COMPILE_MODES:
+def check_compile(cfg: CompileConfig, device: torch.device | None = None) -> None:
+    """Fail before training on a mode torch.compile does not know, or a device whose code generator is missing.
+
+    Inductor writes C++/OpenMP kernels on CPU (it needs a C++ compiler) and Triton kernels on CUDA (it needs triton);
+    without them the first step would fail minutes into a run, after data preparation and model build.
+    """
+    if not cfg.enabled:
+        return
+    if cfg.mode not in COMPILE_MODES:
         raise ValueError(f"compile.mode={cfg.mode!r} is not a torch.compile mode; valid: {', '.join(COMPILE_MODES)}")
+    if device is None:
+        return
+    if device.type == "cpu":
+        candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "clang++", "c++"]
+        if not any(shutil.which(c) for c in candidates):
+            raise ValueError(
+                f"compile={cfg.name} on cpu: inductor needs a C++ compiler for its CPU kernels and none of "
+                f"{', '.join(candidates)} is on PATH; install g++ (or set CXX) or use compile=none"
+            )
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ValueError(
+                f"compile={cfg.name} on cuda: inductor needs triton for its GPU kernels and it is not installed; "
+                "pip install triton (it ships with the CUDA wheels of torch) or use compile=none"
+            )
 
 
 def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
-    """Return the model compiled as configured (or unchanged). The caller keeps the eager module for sampling."""
+    """Return the model compiled as configured (or unchanged). The caller keeps the eager module for sampling.
+
+    Sampling runs the eager module on purpose: generation grows the sequence one token at a time, and every new length
+    would be a recompile. Training and validation share the compiled module (eval mode is one extra graph).
+    """
     check_compile(cfg)
     if not cfg.enabled:
         return model
@@ -28,4 +56,8 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
     cache = Path(cfg.cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    # Runs of one Hydra multirun share this process, and dynamo's recompile budget is per code object (GPT.forward),
+    # not per model: without a reset, after a few compiled runs (train + eval graph each) dynamo reaches
+    # torch._dynamo.config.recompile_limit, falls back to eager with only a warning, and the run times the wrong thing.
+    torch._dynamo.reset()
     return torch.compile(model, mode=cfg.mode, fullgraph=cfg.fullgraph)

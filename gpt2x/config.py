@@ -25,6 +25,7 @@ class ModelConfig:
     block_size: int = 1024  # longest context the position embedding covers
     vocab_size: int = 50257  # 50304 pads to a multiple of 128 ("nice numbers"); padding rows are never predicted
     init_from: Optional[str] = None  # a transformers GPT-2 hub name or local dir to start from instead of random init
+    fused_ce: bool = False  # loss by chunked output layer + cross-entropy, without the (B, T, V) logits (gpt2x/loss.py)
 
 
 @dataclass
@@ -152,6 +153,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in <run_dir>/checkpoints
     resume: Optional[str] = None  # auto (newest checkpoint of this run dir) or a checkpoint path
     peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; null = table for known GPUs, probe on CPU
+    peak_probe: str = "cached"  # where peak_flops comes from a matmul probe: cached (measure once), fresh (every run)
 
 
 GROUPS = {

@@ -1,8 +1,16 @@
-"""Honest speed figures: model FLOPs, device peak FLOP/s, MFU, peak memory and the timing summary."""
+"""Honest speed figures: model FLOPs, device peak FLOP/s, MFU, peak memory and the timing summary.
+
+MFU (model FLOPs utilization, PaLM appendix B) = model FLOPs per token x tokens/s / peak FLOP/s of the device for the
+dtype the matmuls run in. The peak comes from a data-sheet table for known GPUs, from `peak_flops=...` when set, or,
+on devices without a data sheet (CPUs), from a matmul probe of that dtype, measured once and cached, or measured afresh
+right before the run with `peak_probe=fresh` (what the ladder does, so every rung is judged against the machine as it
+is at that moment, not as it was when the cache was filled).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import resource
@@ -14,6 +22,11 @@ from pathlib import Path
 import torch
 
 from gpt2x.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+N_VOCAB = 50257  # GPT-2's real vocabulary (gpt2x.tokenizer.N_VOCAB); rows beyond it are padding
+PEAK_PROBES = ("cached", "fresh")
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets, per compute dtype. Matched by substring of
 # torch.cuda.get_device_name(); the first match wins, so more specific names come first.
@@ -32,13 +45,21 @@ GPU_PEAK_FLOPS = {
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
     """Training FLOPs per token (forward + backward) as in the PaLM paper / nanoGPT: 6N + 12*L*d*T.
 
-    N counts every matmul weight the token passes through: the blocks and the (tied) output layer, not the
-    position table, which is a lookup. The second term is attention's QK^T and AV, which have no parameters.
+    N counts every weight the token's matmuls use: the blocks and the (tied) output layer over the real 50257-token
+    vocabulary, not the position table, which is a lookup. Padding rows (model.vocab_size=50304) are left out: they
+    are computed but are no useful work, and counting them would let padding raise MFU by itself. The second term is
+    attention's QK^T and AV (2 matmuls x 2 FLOPs x T*d per token per layer, x3 for forward + backward), counted over
+    the full T x T square as PaLM does, although a causal kernel may skip the masked half.
     """
     d, L = cfg.n_embd, cfg.n_layer
     block = 12 * d * d + 13 * d  # c_attn (3d^2+3d), c_proj (d^2+d), c_fc (4d^2+4d), c_proj (4d^2+d), 2 LayerNorms (4d)
-    n = L * block + 2 * d + cfg.vocab_size * d  # + ln_f, + lm_head (== wte)
+    n = L * block + 2 * d + min(cfg.vocab_size, N_VOCAB) * d  # + ln_f, + lm_head (== wte)
     return 6 * n + 12 * L * d * seq_len
+
+
+def mfu(flops_per_tok: float, tokens_per_sec: float, peak: float) -> float:
+    """Model FLOPs utilization: the fraction of the device's peak FLOP/s that the model's own FLOPs account for."""
+    return flops_per_tok * tokens_per_sec / peak
 
 
 def gpu_peak_flops(device_name: str, dtype_key: str) -> float | None:
@@ -49,12 +70,25 @@ def gpu_peak_flops(device_name: str, dtype_key: str) -> float | None:
     return None
 
 
-def measure_matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 1024, seconds: float = 0.5) -> float:
-    """FLOP/s of square matmuls in `dtype`: the practical peak on devices without a data sheet (CPUs)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):  # warm-up: thread pools, packing buffers
+def measure_matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
+    """FLOP/s of square matmuls in `dtype`: the practical peak on devices without a data sheet (CPUs).
+
+    The size starts where the device's matmuls are efficient (512 on CPU, 2048 on GPUs) and doubles until one matmul
+    takes >= 20 ms or reaches the cap: large enough for the steady state, small enough that a slow dtype (float16 on
+    a CPU without fp16 units) still probes in about a second.
+    """
+    n, cap = (512, 1024) if device.type == "cpu" else (2048, 8192)
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b  # warm-up: thread pools, packing buffers, kernel selection
+        synchronize(device)
+        t0 = time.perf_counter()
         a @ b
+        synchronize(device)
+        if time.perf_counter() - t0 >= 0.02 or n >= cap:
+            break
+        n *= 2
     times = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 3:
@@ -62,29 +96,69 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device, n: int = 1024
         a @ b
         synchronize(device)
         times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+    # the fastest repeat, not the median: a peak is the best the device does, and on a shared machine the slower
+    # repeats measure the neighbours
+    return 2 * n**3 / min(times)
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool, cache_dir: str | None, fresh: bool = False) -> float:
-    """Peak FLOP/s that MFU is measured against: the data sheet for known GPUs, else a matmul probe (cached)."""
-    dtype_key = "tf32" if (dtype == torch.float32 and tf32) else str(dtype).removeprefix("torch.")
+def dtype_key(dtype: torch.dtype, tf32: bool) -> str:
+    """The name peaks are listed under: float32, tf32, bfloat16, float16."""
+    return "tf32" if (dtype == torch.float32 and tf32) else str(dtype).removeprefix("torch.")
+
+
+def check_peak_settings(probe: str, override: float | None) -> None:
+    """Fail before training on a peak_probe mode that does not exist or a non-positive peak_flops."""
+    if probe not in PEAK_PROBES:
+        raise ValueError(f"peak_probe={probe!r} is not a probe mode; valid: {', '.join(PEAK_PROBES)}")
+    if override is not None and override <= 0:
+        raise ValueError(f"peak_flops={override} must be positive (FLOP/s, e.g. 989.4e12), or null to look it up")
+
+
+def peak_flops(
+    device: torch.device,
+    dtype: torch.dtype,
+    tf32: bool,
+    cache_dir: str | None,
+    probe: str = "cached",
+    override: float | None = None,
+) -> tuple[float, str]:
+    """Peak FLOP/s that MFU is measured against, and where the figure came from.
+
+    `override` (the `peak_flops` setting) wins; then the data sheet for known GPUs; else a matmul probe in `dtype` on
+    this device: reused from `cache_dir/peak_flops.json` with probe=cached, measured now (and cached) with probe=fresh.
+    The cache key holds the device name, thread count, dtype and float32 matmul precision, so a different setting
+    never reuses another's figure.
+    """
+    check_peak_settings(probe, override)
+    if override is not None:
+        return float(override), "peak_flops setting"
+    key_name = dtype_key(dtype, tf32)
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        known = gpu_peak_flops(name, dtype_key)
+        known = gpu_peak_flops(torch.cuda.get_device_name(device), key_name)
         if known is not None:
-            return known
-    key = f"{device.type}|{device_name(device)}|{torch.get_num_threads()}|{dtype_key}"
+            return known, f"data sheet ({torch.cuda.get_device_name(device)}, {key_name})"
+    key = "|".join(
+        [device.type, device_name(device), f"threads={torch.get_num_threads()}", key_name,
+         f"matmul={torch.get_float32_matmul_precision()}"]
+    )  # fmt: skip
     cache = Path(cache_dir).expanduser() / "peak_flops.json" if cache_dir else None
-    cached = json.loads(cache.read_text()) if cache and cache.exists() else {}
-    if not fresh and key in cached:
-        return cached[key]
+    cached = _read_json(cache)
+    if probe == "cached" and key in cached:
+        return cached[key], f"matmul probe ({key_name}, cached)"
     measured = measure_matmul_flops(dtype, device)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**cached, key: measured}, indent=1))
-        os.replace(tmp, cache)
-    return measured
+        tmp.write_text(json.dumps({**_read_json(cache), key: measured}, indent=1))
+        os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
+    return measured, f"matmul probe ({key_name}, {'fresh' if probe == 'fresh' else 'first measurement'})"
+
+
+def _read_json(path: Path | None) -> dict:
+    try:
+        return json.loads(path.read_text()) if path and path.exists() else {}
+    except (OSError, ValueError):  # a corrupt cache is re-measured, not fatal
+        return {}
 
 
 def device_name(device: torch.device) -> str:
@@ -110,10 +184,34 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start peak-memory accounting afresh, so runs sharing a process (a Hydra multirun) each report their own peak.
+
+    CUDA: the caching allocator's counters. Elsewhere on Linux: writing 5 to /proc/self/clear_refs resets the
+    process's high-water mark of resident memory (VmHWM) to its current size.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: ru_maxrss below is the process-lifetime peak
+
+
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: CUDA max allocated, or the process's peak resident set size elsewhere."""
+    """Peak memory of this process since `reset_peak_memory`: CUDA max allocated, else the peak resident set size.
+
+    On CPU this is the whole process (Python, torch's libraries and the data included, ~0.4 GiB before any model).
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
@@ -126,17 +224,29 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def timing_summary(step_ms: list[float], tokens_per_step: int, flops_per_tok: int, peak: float) -> dict:
-    """Median / p10 / p90 ms per optimizer step, tokens/s and MFU over the measured (post-warm-up) steps."""
+def timing_summary(
+    step_ms: list[float], tokens_per_step: int, flops_per_tok: int, peak: float, warmup_ms: list[float] | None = None
+) -> dict:
+    """Median / p10 / p90 ms per optimizer step, tokens/s and MFU over the measured (post-warm-up) steps.
+
+    `warmup_ms` are the steps left out (allocator warm-up, compilation); their total is reported on its own, so the
+    one-off cost of compiling is visible without polluting the steady-state figure.
+    """
+    out = {"timed_steps": len(step_ms)}
+    if warmup_ms:
+        out |= {"warmup_steps": len(warmup_ms), "warmup_s": sum(warmup_ms) / 1000}
     if not step_ms:
-        return {}
+        log.warning(
+            "no timed steps: every step was a warm-up step (timing_warmup_steps >= optim.max_steps); "
+            "the summary has no ms/batch, tokens/s or MFU"
+        )
+        return out
     median = statistics.median(step_ms)
     tokens_per_sec = tokens_per_step / (median / 1000)
-    return {
+    return out | {
         "ms_per_batch": median,
         "ms_per_batch_p10": percentile(step_ms, 10),
         "ms_per_batch_p90": percentile(step_ms, 90),
         "tokens_per_sec": tokens_per_sec,
-        "mfu": flops_per_tok * tokens_per_sec / peak,
-        "timed_steps": len(step_ms),
+        "mfu": mfu(flops_per_tok, tokens_per_sec, peak),
     }

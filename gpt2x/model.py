@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from gpt2x.attention import get_attention
+from gpt2x.loss import linear_cross_entropy
 
 # transformers' GPT-2 stores these as Conv1D, i.e. (in, out); nn.Linear wants (out, in)
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -25,6 +26,7 @@ class GPTConfig:
     n_embd: int = 768  # residual stream width
     attention: str = "sdpa"  # key of gpt2x.attention.ATTENTION_KERNELS
     real_vocab_size: int = 50257  # tokens >= this are padding rows: never targets, never predicted
+    fused_ce: bool = False  # training loss by gpt2x.loss.linear_cross_entropy: the (B, T, V) logits never exist
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
@@ -124,11 +126,13 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, return_logits=True):
         """idx (B, T) int64 token ids -> (logits (B, T, vocab_size), loss or None).
 
         Logits of padding tokens (>= real_vocab_size) are -inf, so they take no probability mass in the loss or in
-        sampling. loss is the mean cross entropy against targets (B, T); targets equal to -100 are ignored.
+        sampling. loss is the mean cross entropy against targets (B, T); targets equal to -100 are ignored. With
+        return_logits=False (the training loop, which needs only the loss) or config.fused_ce and targets, logits is
+        None: a compiled model then never writes the (B, T, vocab_size) logits out (~20% of a small model's step).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -141,6 +145,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
+        if targets is not None and self.config.fused_ce:
+            # output layer and loss fused, a chunk of tokens at a time; no logits are returned (gpt2x/loss.py)
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.real_vocab_size)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.vocab_size > self.config.real_vocab_size:
             # in place on the few padding columns only: far cheaper than a (B, T, V) bias add, and autograd allows it
@@ -149,7 +156,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     @classmethod
     def from_pretrained(cls, name_or_dir, **overrides):

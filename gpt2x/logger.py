@@ -219,6 +219,20 @@ def format_metrics(step: int, m: dict[str, Any]) -> str:
     return " | ".join(parts)
 
 
+def log_sweep_report(cfg: DictConfig, sweep_dir: Path, paths: Iterable[Path]) -> None:
+    """With logger=wandb, log a sweep's report files (table, plot) to a W&B run in the sweep's own group."""
+    if OmegaConf.select(cfg, "logger.name", default="none") != "wandb":
+        return
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own keys resolve only in a job
+    group = run_group({"multirun": True, "sweep_dir": str(sweep_dir), "cwd": os.getcwd()})
+    report_dir = Path(sweep_dir) / "report"
+    run = _start_wandb(cfg, report_dir, name=f"report {Path(sweep_dir).name}", group=group, job_type="sweep-report")
+    if run is not None:
+        logger = RunLogger(report_dir, run)
+        logger.log_files(list(paths))
+        logger.finish({"sweep_dir": str(sweep_dir)})
+
+
 def drop_rows_from(path: Path, start_step: int) -> None:
     """Rewrite a jsonl history without its rows of step >= start_step (atomically; nothing to do if none)."""
     if not path.exists():
@@ -364,8 +378,11 @@ def job_type(cfg: DictConfig) -> str:
     return str(exp) if exp else "train"
 
 
-def _start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
-    """Start the W&B run, or return None (with one warning) when it cannot start."""
+def _start_wandb(cfg: DictConfig, run_dir: Path, **identity: Any) -> Any:
+    """Start the W&B run, or return None (with one warning) when it cannot start.
+
+    `identity` (name, group, job_type) replaces what the Hydra job would give, e.g. for a sweep's report run.
+    """
     lcfg = cfg.logger
     mode = resolve_mode(lcfg.get("mode", "auto"))
     if mode == "disabled":
@@ -394,6 +411,7 @@ def _start_wandb(cfg: DictConfig, run_dir: Path) -> Any:
         dir=str(run_dir),
         reinit="finish_previous",  # a multirun's jobs share one process
     )
+    init_kwargs.update(identity)
     timeout = float(lcfg.get("init_timeout") or 30)
     settings: dict[str, Any] = {"init_timeout": timeout}
     if git_info()["commit"] is not None:

@@ -263,7 +263,6 @@ def write_report(sweep_dir: str | Path, echo: bool = False) -> dict[str, Path]:
     if echo:
         print(markdown, flush=True)
         print(f"report: {', '.join(str(p) for p in paths.values())}", flush=True)
-    # TODO(lead): with logger=wandb, log these files to W&B (logger.log_files(paths.values()) of a sweep-level run).
     return paths
 
 
@@ -291,9 +290,12 @@ class SweepReport(Callback):
             log.warning("sweep report not written: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from gpt2x.logger import log_sweep_report
+
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute()
         try:
-            write_report(sweep_dir, echo=True)
+            paths = write_report(sweep_dir, echo=True)
+            log_sweep_report(config, sweep_dir, paths.values())
         except Exception as e:  # noqa: BLE001
             log.warning("sweep report not written: %s", e)
 

@@ -206,9 +206,13 @@ def test_hydra_multirun_jobs_share_one_wandb_group_with_step_history(tmp_path, w
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    runs = [read_run(p) for p in find_runs(sweep)]
-    assert len(runs) == 2
-    assert runs[0].group == runs[1].group == str(sweep)  # the sweep dir, outside the launch dir: absolute
+    all_runs = [read_run(p) for p in find_runs(sweep)]
+    runs = [r for r in all_runs if r.job_type == "train"]
+    reports = [r for r in all_runs if r.job_type == "sweep-report"]
+    assert len(runs) == 2 and len(reports) == 1
+    # the sweep dir, outside the launch dir: absolute; the sweep's report (table, plot) joins the same group
+    assert runs[0].group == runs[1].group == reports[0].group == str(sweep)
+    assert any(key.startswith("files/sweep") for row in reports[0].history for key in row)
     assert sorted(r.config["seed"] for r in runs) == [1, 2]
     assert sorted(r.name.rsplit(",", 1)[-1] for r in runs) == ["seed=1", "seed=2"]
     for run in runs:

@@ -8,7 +8,7 @@ device that runs it, fp16 on CPU, batch sizes that must divide) live in `validat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -24,7 +24,7 @@ class ModelConfig:
     n_embd: int = 768  # residual stream width
     block_size: int = 1024  # longest context the position embedding covers
     vocab_size: int = 50257  # 50304 pads to a multiple of 128 ("nice numbers"); padding rows are never predicted
-    init_from: Optional[str] = None  # a transformers GPT-2 hub name or local dir to start from instead of random init
+    init_from: str | None = None  # a transformers GPT-2 hub name or local dir to start from instead of random init
     fused_ce: bool = False  # loss by chunked output layer + cross-entropy, without the (B, T, V) logits (gpt2x/loss.py)
 
 
@@ -33,17 +33,17 @@ class DataConfig:
     """Where tokens come from and how they are batched."""
 
     name: str = MISSING  # key of gpt2x.data.DATASETS
-    path: Optional[str] = None  # local file, directory or glob (meaning depends on the dataset)
-    url: Optional[str] = None  # canonical download address, for datasets that have one
-    sha256: Optional[str] = None  # expected checksum of the downloaded file
+    path: str | None = None  # local file, directory or glob (meaning depends on the dataset)
+    url: str | None = None  # canonical download address, for datasets that have one
+    sha256: str | None = None  # expected checksum of the downloaded file
     cache_dir: str = "${cache_dir}/data"  # tokenized shards are cached here, outside the source tree
     batch_size: int = 8  # B: sequences per micro-step per process
     seq_len: int = 128  # T: tokens per sequence
-    total_batch_size: Optional[int] = None  # tokens per optimizer step; null = B*T*world_size (no accumulation)
+    total_batch_size: int | None = None  # tokens per optimizer step; null = B*T*world_size (no accumulation)
     val_fraction: float = 0.1  # held-out tail of the token stream, for corpora without their own val split
     shard_size: int = 100_000_000  # tokens per shard file
     hf_path: str = "HuggingFaceFW/fineweb-edu"  # `datasets` source for gpt2x-prepare
-    hf_name: Optional[str] = "sample-10BT"  # `datasets` config name
+    hf_name: str | None = "sample-10BT"  # `datasets` config name
     hf_split: str = "train"
     text_field: str = "text"
     num_proc: int = 4  # tokenizer worker processes for gpt2x-prepare
@@ -63,7 +63,7 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    fused: Optional[bool] = None  # fused AdamW kernel; null = on where the device supports it (CUDA)
+    fused: bool | None = None  # fused AdamW kernel; null = on where the device supports it (CUDA)
 
 
 @dataclass
@@ -71,7 +71,7 @@ class PrecisionConfig:
     """Numeric format of the matmuls. Weights and optimizer state stay fp32 in every mode."""
 
     name: str = "fp32"
-    autocast_dtype: Optional[str] = None  # bfloat16 / float16 autocast; null = no autocast
+    autocast_dtype: str | None = None  # bfloat16 / float16 autocast; null = no autocast
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: highest, high (TF32), medium
     grad_scaler: bool = False  # loss scaling, needed for float16's narrow exponent range
     force: bool = False  # run a mode even where it is known to be pathologically slow (fp16 on CPU)
@@ -101,7 +101,7 @@ class ParallelConfig:
 
     name: str = "single"  # single, ddp, fsdp
     nproc_per_node: int = 1  # worker processes gpt2x-train starts itself when not already launched by torchrun
-    backend: Optional[str] = None  # process group backend; null = nccl on CUDA, gloo on CPU
+    backend: str | None = None  # process group backend; null = nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward (ZeRO-3) or keep them (ZeRO-2)
 
 
@@ -111,10 +111,10 @@ class LoggerConfig:
 
     name: str = "none"  # none, wandb
     project: str = "gpt2x"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "auto"  # online, offline, disabled, auto (online when credentials are configured, else offline)
     tags: list[str] = field(default_factory=list)
-    notes: Optional[str] = None
+    notes: str | None = None
     init_timeout: float = 30.0  # seconds W&B may take to start before we go on without it
 
 
@@ -132,11 +132,12 @@ class TrainConfig:
     parallel: ParallelConfig = MISSING
     logger: LoggerConfig = MISSING
 
-    experiment: Optional[str] = None  # name of the experiment preset, if any (W&B job_type, report title)
-    rung: Optional[str] = None  # name of the optimization-ladder rung, if any
+    experiment: str | None = None  # name of the experiment preset, if any (W&B job_type, report title)
+    rung: str | None = None  # name of the optimization-ladder rung, if any
     seed: int = 1337
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps
-    cache_dir: str = "${oc.env:GPT2X_CACHE_DIR,${oc.env:HOME}/.cache/gpt2x}"  # data shards, inductor cache, CPU peak FLOP probe
+    # data shards, inductor cache, CPU peak FLOP probe
+    cache_dir: str = "${oc.env:GPT2X_CACHE_DIR,${oc.env:HOME}/.cache/gpt2x}"
     log_interval: int = 1  # steps between console/metrics lines
     timing_warmup_steps: int = 3  # first steps left out of the timing summary (allocator warm-up, compilation)
     eval_interval: int = 50  # steps between val-loss evaluations (and at the last step); 0 = only at the end
@@ -147,12 +148,12 @@ class TrainConfig:
     sample_max_tokens: int = 32
     sample_top_k: int = 50
     hellaswag_interval: int = 0  # steps between HellaSwag evals; 0 = never
-    hellaswag_path: Optional[str] = None  # local hellaswag_val.jsonl; null = download to cache_dir
-    hellaswag_limit: Optional[int] = None  # evaluate only the first N examples
+    hellaswag_path: str | None = None  # local hellaswag_val.jsonl; null = download to cache_dir
+    hellaswag_limit: int | None = None  # evaluate only the first N examples
     checkpoint_interval: int = 0  # steps between checkpoints (and at the last step when > 0); 0 = never
     keep_checkpoints: int = 2  # newest checkpoints kept in <run_dir>/checkpoints
-    resume: Optional[str] = None  # auto (newest checkpoint of this run dir) or a checkpoint path
-    peak_flops: Optional[float] = None  # device peak FLOP/s for MFU; null = table for known GPUs, probe on CPU
+    resume: str | None = None  # auto (newest checkpoint of this run dir) or a checkpoint path
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; null = table for known GPUs, probe on CPU
     peak_probe: str = "cached"  # where peak_flops comes from a matmul probe: cached (measure once), fresh (every run)
 
 

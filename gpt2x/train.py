@@ -23,7 +23,17 @@ from gpt2x.compile import apply_compile, check_compile
 from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
 from gpt2x.data import build_loader, prepare_dataset
 from gpt2x.logger import build_logger
-from gpt2x.metrics import device_name, flops_per_token, peak_flops, peak_memory_bytes, synchronize, timing_summary
+from gpt2x.metrics import (
+    check_peak_settings,
+    device_name,
+    flops_per_token,
+    mfu,
+    peak_flops,
+    peak_memory_bytes,
+    reset_peak_memory,
+    synchronize,
+    timing_summary,
+)
 from gpt2x.model import GPT, GPTConfig
 from gpt2x.optim import build_optimizer, lr_at
 from gpt2x.precision import apply_precision, check_precision
@@ -43,7 +53,7 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
         if not torch.cuda.is_available():
             raise ValueError(f"device={name}: CUDA is not available here; use device=auto or device=cpu")
         if device.index is None:
-            device = torch.device("cuda", local_rank)
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())  # SLURM may show one GPU per task
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={name}: MPS is not available here; use device=auto or device=cpu")
     return device
@@ -66,7 +76,8 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     """Cross-group rules, checked once before any work starts; each error names the settings involved."""
     if cfg.data.seq_len > cfg.model.block_size:
         raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.block_size={cfg.model.block_size} (model={cfg.model.name}); "
+            f"data.seq_len={cfg.data.seq_len} exceeds model.block_size={cfg.model.block_size} "
+            f"(model={cfg.model.name}); "
             f"use data.seq_len<={cfg.model.block_size}"
         )
     if cfg.data.batch_size < 1 or cfg.data.seq_len < 1:
@@ -81,15 +92,20 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     check_precision(cfg.precision, device)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.autocast_dtype, torch.float32)
     check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
-    check_compile(cfg.compile)
-    if cfg.parallel.name == "fsdp" and world_size < 2:
-        raise ValueError("parallel=fsdp needs at least 2 processes; set parallel.nproc_per_node>=2 or use parallel=single")
+    check_compile(cfg.compile, device)
+    check_peak_settings(cfg.peak_probe, cfg.peak_flops)
+    parallel.check_parallel(cfg.parallel, cfg.precision, device, world_size)
 
 
 def build_model(cfg: DictConfig) -> GPT:
     """Random init at the configured size, or the weights of a transformers GPT-2 (model.init_from)."""
     if cfg.model.init_from:
-        return GPT.from_pretrained(cfg.model.init_from, attention=cfg.attention.name, vocab_size=cfg.model.vocab_size)
+        return GPT.from_pretrained(
+            cfg.model.init_from,
+            attention=cfg.attention.name,
+            vocab_size=cfg.model.vocab_size,
+            fused_ce=cfg.model.fused_ce,
+        )
     return GPT(
         GPTConfig(
             block_size=cfg.model.block_size,
@@ -98,6 +114,7 @@ def build_model(cfg: DictConfig) -> GPT:
             n_head=cfg.model.n_head,
             n_embd=cfg.model.n_embd,
             attention=cfg.attention.name,
+            fused_ce=cfg.model.fused_ce,
         )
     )
 
@@ -111,7 +128,7 @@ def evaluate(model, loader, steps: int, precision, device: torch.device) -> floa
     for _ in range(steps):
         x, y = loader.next_batch()
         with precision.autocast():
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), return_logits=False)
         total += loss.detach().float()
     model.train()
     return parallel.all_reduce_mean(total / steps).item()
@@ -135,14 +152,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one training job in this process (one rank of it under DDP/FSDP). Returns the summary."""
     # -- processes, device, precision
     device = resolve_device(cfg.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
-    dist_info = parallel.init_distributed(cfg.parallel, device.type)
+    dist_info = parallel.init_distributed(cfg.parallel, device)
+    run_dir = parallel.shared_run_dir(run_dir, dist_info, device)  # torchrun ranks may each have made a dir
     rank, world_size = dist_info.rank, dist_info.world_size
     validate(cfg, device, world_size)
     precision = apply_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # same init on every rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)  # runs of one multirun share this process; each reports its own peak
 
     # -- data: each rank reads its own B*T windows of the same stream
     B, T = cfg.data.batch_size, cfg.data.seq_len
@@ -157,14 +175,37 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # -- model: build, compile, then wrap for data parallelism (torchtitan's order)
     raw_model = build_model(cfg).to(device)
     model = apply_compile(raw_model, cfg.compile)
-    model = parallel.apply_parallel(model, cfg.parallel, dist_info, device)
+    model = parallel.apply_parallel(model, cfg.parallel, dist_info, device, precision.autocast_dtype)
     optimizer = build_optimizer(raw_model, cfg.optim, device.type)
 
     # -- bookkeeping: run record, logger, MFU reference
     tokens_per_step = B * T * accum * world_size
     flops_tok = flops_per_token(cfg.model, T)
-    peak = peak_flops(device, precision.compute_dtype, precision.uses_tf32, cfg.cache_dir) * world_size
-    logger = build_logger(cfg, run_dir, dist_info.is_main)
+    # MFU reference, measured right here (after the other runs of a multirun, before this one) with peak_probe=fresh
+    # CPU workers share the cores, so a probe cached under other load would misjudge them: they probe together, now.
+    probe = "fresh" if device.type == "cpu" and world_size > 1 else cfg.peak_probe
+    peak, peak_source = peak_flops(
+        device, precision.compute_dtype, precision.uses_tf32, cfg.cache_dir, probe, cfg.peak_flops
+    )
+    peak *= world_size
+
+    # -- resume: model, optimizer, data position and RNG continue exactly where the checkpoint left them
+    ckpt_dir = run_dir / "checkpoints"
+    start_step = 0
+    resume_path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume
+    if cfg.resume == "auto" and resume_path is None and checkpoint.list_checkpoints(ckpt_dir):
+        raise checkpoint.CheckpointError(
+            f"resume=auto: every checkpoint in {ckpt_dir} is incomplete; pass resume=<path> or resume=null to restart"
+        )
+    if resume_path:
+        state = checkpoint.load(resume_path)
+        parallel.load_full_state_dicts(raw_model, optimizer, state["model"], state["optimizer"])
+        train_loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
+        checkpoint.restore_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        start_step = state["step"] + 1
+        log.info("resumed from %s at step %d", resume_path, start_step)
+
+    logger = build_logger(cfg, run_dir, dist_info.is_main, start_step)
     if dist_info.is_main:
         write_run_record(
             cfg,
@@ -176,30 +217,19 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 "params": raw_model.num_params(non_embedding=False),
                 "flops_per_token": flops_tok,
                 "peak_flops": peak,
-                "device": str(device),
-                "device_name": device_name(device),
+                "peak_flops_source": peak_source,
+                "torch_device": str(device),
             },
         )
         log.info(
-            "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s precision=%s attention=%s compile=%s",
+            "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s "
+            "precision=%s attention=%s compile=%s",
             cfg.model.name, raw_model.num_params(non_embedding=False) / 1e6, cfg.data.name, B, T, accum, world_size,
             device, cfg.precision.name, cfg.attention.name, cfg.compile.name,
         )  # fmt: skip
 
-    # -- resume: model, optimizer, data position and RNG continue exactly where the checkpoint left them
-    ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
-    resume_path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume
-    if resume_path:
-        state = checkpoint.load(resume_path)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        train_loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
-        checkpoint.restore_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = state["step"] + 1
-        log.info("resumed from %s at step %d", resume_path, start_step)
-
-    step_ms: list[float] = []
+    step_ms: list[float] = []  # timed steps; the first timing_warmup_steps (allocator warm-up, compile) go to warmup_ms
+    warmup_ms: list[float] = []
     last_loss = val_loss = float("nan")
     max_steps = cfg.optim.max_steps
     for step in range(start_step, max_steps):
@@ -209,7 +239,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
         if cfg.hellaswag_interval and is_due(step, cfg.hellaswag_interval, last):
             metrics["hellaswag"] = hellaswag_accuracy(model, cfg, precision, device, dist_info)
-        if dist_info.is_main and is_due(step, cfg.sample_interval, last):
+        # Under FSDP a forward pass is a collective (it gathers the weights), so every rank samples; rank 0 logs.
+        if is_due(step, cfg.sample_interval, last) and (dist_info.is_main or parallel.is_fsdp(raw_model)):
             logger.log_samples(step, sample(raw_model, cfg, device))
 
         # -- one optimizer step over `accum` micro-batches
@@ -222,7 +253,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with parallel.maybe_no_sync(model, sync=micro_step == accum - 1), precision.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)  # only the loss: compiled, no logits are written out
             # The loss is a mean over one micro-batch; gradients add up over micro-steps, so divide to get the
             # gradient of the mean over the whole batch rather than the sum of `accum` means.
             loss = loss / accum
@@ -230,7 +261,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             precision.scaler.scale(loss).backward()
         parallel.all_reduce_mean(loss_accum)
         precision.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+        grad_norm = parallel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
         lr = lr_at(step, cfg.optim)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -245,8 +276,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 f"step {step}: loss={last_loss} grad_norm={norm} is not finite; stopping. The last good checkpoint "
                 f"(if any) is in {ckpt_dir}; lower optim.lr or try precision=fp32 / bf16."
             )
-        if step - start_step >= cfg.timing_warmup_steps:
-            step_ms.append(dt * 1000)
+        (step_ms if step - start_step >= cfg.timing_warmup_steps else warmup_ms).append(dt * 1000)
         tokens_per_sec = tokens_per_step / dt
         metrics |= {
             "loss": last_loss,
@@ -254,7 +284,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             "grad_norm": norm,
             "ms_per_batch": dt * 1000,
             "tokens_per_sec": tokens_per_sec,
-            "mfu": flops_tok * tokens_per_sec / peak,
+            "mfu": mfu(flops_tok, tokens_per_sec, peak),
         }
         if step % cfg.log_interval == 0 or last or "val_loss" in metrics:
             metrics["peak_mem_bytes"] = peak_memory_bytes(device)
@@ -267,7 +297,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "steps": max_steps,
         "final_loss": last_loss,
         "final_val_loss": val_loss,
-        **timing_summary(step_ms, tokens_per_step, flops_tok, peak),
+        **timing_summary(step_ms, tokens_per_step, flops_tok, peak, warmup_ms),
         "peak_mem_bytes": peak_memory_bytes(device),
         "tokens_per_step": tokens_per_step,
         "grad_accum_steps": accum,
@@ -275,6 +305,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "peak_flops": peak,
+        "peak_flops_source": peak_source,
         "torch_version": torch.__version__,
         "git_commit": git_info().get("commit"),
         "config": {k: cfg[k].name for k in ("model", "data", "precision", "attention", "compile", "parallel")},
@@ -305,10 +336,11 @@ def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg
         loaders, rngs = [None] * dist_info.world_size, [None] * dist_info.world_size
         torch.distributed.all_gather_object(loaders, loader.state_dict())
         torch.distributed.all_gather_object(rngs, checkpoint.capture_rng_state())
+    model_state, optimizer_state = parallel.full_state_dicts(raw_model, optimizer)  # FSDP: gathers to rank 0
     if dist_info.is_main:
         state = {
-            "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "step": step,
             "loader": loaders,
             "rng": rngs,
@@ -330,4 +362,8 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m gpt2x.train` (torchrun's form): run the importable gpt2x.train.main rather than this __main__ copy,
+    # because launchers that pickle the task function for other processes (submitit/SLURM) need to import it.
+    from gpt2x.train import main as importable_main
+
+    importable_main()

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF_DIR, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from gpt2x.config import GROUPS, OptimConfig
 from gpt2x.optim import lr_at
-from conftest import CONF_DIR, compose
 
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 
@@ -23,7 +23,8 @@ def test_every_option_of_every_group_composes_and_is_named_after_its_file(group,
 
 def test_default_run_is_a_small_model_on_the_embedded_shakespeare_in_fp32():
     cfg = compose()
-    assert (cfg.model.name, cfg.data.name, cfg.precision.name, cfg.attention.name) == ("small", "shakespeare", "fp32", "sdpa")
+    chosen = (cfg.model.name, cfg.data.name, cfg.precision.name, cfg.attention.name)
+    assert chosen == ("small", "shakespeare", "fp32", "sdpa")
     assert (cfg.compile.name, cfg.parallel.name, cfg.logger.name) == ("none", "single", "none")
 
 

@@ -191,31 +191,27 @@ class RunLogger:
         self.wandb_run.log_artifact(artifact)
 
 
+# metric -> its piece of the console line, in this order
+CONSOLE_FIELDS = {
+    "loss": lambda v: f"loss {v:.4f}",
+    "lr": lambda v: f"lr {v:.2e}",
+    "grad_norm": lambda v: f"norm {v:.2f}",
+    "ms_per_batch": lambda v: f"{v:.1f} ms",
+    "tokens_per_sec": lambda v: f"{v:,.0f} tok/s",
+    "mfu": lambda v: f"mfu {100 * v:.1f}%",
+    "peak_mem_bytes": lambda v: f"mem {v / 2**30:.2f} GiB",
+    "val_loss": lambda v: f"val {v:.4f}",
+    "hellaswag": lambda v: f"hella {v:.4f}",
+}
+
+
 def format_metrics(step: int, m: dict[str, Any]) -> str:
     """The compact console line: `step    10 | loss 5.1234 | lr 6.00e-04 | norm 1.23 | 123.4 ms | ...`.
 
     Only the metrics present are shown, so eval-only calls print just their figures.
     `mfu` is a fraction (0.123 prints as 12.3%).
     """
-    parts = [f"step {step:5d}"]
-    if "loss" in m:
-        parts.append(f"loss {m['loss']:.4f}")
-    if "lr" in m:
-        parts.append(f"lr {m['lr']:.2e}")
-    if "grad_norm" in m:
-        parts.append(f"norm {m['grad_norm']:.2f}")
-    if "ms_per_batch" in m:
-        parts.append(f"{m['ms_per_batch']:.1f} ms")
-    if "tokens_per_sec" in m:
-        parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
-    if "mfu" in m:
-        parts.append(f"mfu {100 * m['mfu']:.1f}%")
-    if "peak_mem_bytes" in m:
-        parts.append(f"mem {m['peak_mem_bytes'] / 2**30:.2f} GiB")
-    if "val_loss" in m:
-        parts.append(f"val {m['val_loss']:.4f}")
-    if "hellaswag" in m:
-        parts.append(f"hella {m['hellaswag']:.4f}")
+    parts = [f"step {step:5d}"] + [fmt(m[key]) for key, fmt in CONSOLE_FIELDS.items() if key in m]
     return " | ".join(parts)
 
 

@@ -136,24 +136,21 @@ def _rung_override(overrides: list[str]) -> str | None:
     return None
 
 
+FORMATS = {
+    "ms": lambda v: f"{v:,.1f}" if v < 1000 else f"{v:,.0f}",
+    "int": lambda v: f"{v:,.0f}",
+    "pct": lambda v: f"{100 * v:.1f}%",
+    "x": lambda v: f"{v:.2f}x",
+    "loss": lambda v: f"{v:.4f}",
+    "gib": lambda v: f"{v / 2**30:.2f} GiB",
+    "s": lambda v: f"{v:.1f} s",
+}
+
+
 def _fmt(value: Any, kind: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if kind == "ms":
-        return f"{value:,.1f}" if value < 1000 else f"{value:,.0f}"
-    if kind == "int":
-        return f"{value:,.0f}"
-    if kind == "pct":
-        return f"{100 * value:.1f}%"
-    if kind == "x":
-        return f"{value:.2f}x"
-    if kind == "loss":
-        return f"{value:.4f}"
-    if kind == "gib":
-        return f"{value / 2**30:.2f} GiB"
-    if kind == "s":
-        return f"{value:.1f} s"
-    return str(value)
+    return FORMATS.get(kind, str)(value)
 
 
 def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

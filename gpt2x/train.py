@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def is_due(step: int, interval: int, last: bool) -> bool:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Run one training job in this process (one rank of it under DDP/FSDP). Returns the summary."""
     # -- processes, device, precision
-    device = resolve_device(cfg.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_info = parallel.init_distributed(cfg.parallel, device)
     run_dir = parallel.shared_run_dir(run_dir, dist_info, device)  # torchrun ranks may each have made a dir
     rank, world_size = dist_info.rank, dist_info.world_size
@@ -181,7 +182,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     # -- bookkeeping: run record, logger, MFU reference
     tokens_per_step = B * T * accum * world_size
     flops_tok = flops_per_token(cfg.model, T)
-    # MFU reference, measured right here (after the other runs of a multirun, before this one) with peak_probe=fresh
+    # MFU reference; peak_probe=fresh measures it right here, between the previous run of a multirun and this one.
     # CPU workers share the cores, so a probe cached under other load would misjudge them: they probe together, now.
     probe = "fresh" if device.type == "cpu" and world_size > 1 else cfg.peak_probe
     peak, peak_source = peak_flops(
@@ -200,8 +201,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if resume_path:
         state = checkpoint.load(resume_path)
         parallel.load_full_state_dicts(raw_model, optimizer, state["model"], state["optimizer"])
-        train_loader.load_state_dict(state["loader"][rank] if isinstance(state["loader"], list) else state["loader"])
-        checkpoint.restore_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+        train_loader.load_state_dict(state["loader"])
+        rngs = state["rng"]  # one per rank; resuming on more ranks than saved, the new ones start from rank 0's
+        checkpoint.restore_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         start_step = state["step"] + 1
         log.info("resumed from %s at step %d", resume_path, start_step)
 
@@ -238,7 +240,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if is_due(step, cfg.eval_interval, last):
             metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
         if cfg.hellaswag_interval and is_due(step, cfg.hellaswag_interval, last):
-            metrics["hellaswag"] = hellaswag_accuracy(model, cfg, precision, device, dist_info)
+            # the eager model: every example has its own length, which would recompile a compiled one each time
+            metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist_info)
         # Under FSDP a forward pass is a collective (it gathers the weights), so every rank samples; rank 0 logs.
         if is_due(step, cfg.sample_interval, last) and (dist_info.is_main or parallel.is_fsdp(raw_model)):
             logger.log_samples(step, sample(raw_model, cfg, device))
@@ -325,16 +328,14 @@ def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, 
     correct, total = hellaswag.evaluate(
         model, path, device, precision.autocast, dist_info.rank, dist_info.world_size, cfg.hellaswag_limit
     )
-    model.train()
     return correct / max(1, total)
 
 
 def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg: DictConfig, dist_info) -> None:
     """Everything needed to continue bit-exactly: weights, optimizer, schedule step, per-rank data position and RNG."""
-    loaders, rngs = [loader.state_dict()], [checkpoint.capture_rng_state()]
+    rngs = [checkpoint.capture_rng_state()]
     if dist_info.world_size > 1:
-        loaders, rngs = [None] * dist_info.world_size, [None] * dist_info.world_size
-        torch.distributed.all_gather_object(loaders, loader.state_dict())
+        rngs = [None] * dist_info.world_size
         torch.distributed.all_gather_object(rngs, checkpoint.capture_rng_state())
     model_state, optimizer_state = parallel.full_state_dicts(raw_model, optimizer)  # FSDP: gathers to rank 0
     if dist_info.is_main:
@@ -342,7 +343,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg
             "model": model_state,
             "optimizer": optimizer_state,
             "step": step,
-            "loader": loaders,
+            "loader": loader.state_dict(),  # the stream position, shared by all ranks
             "rng": rngs,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

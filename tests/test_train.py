@@ -69,3 +69,15 @@ def test_the_cli_runs_a_hydra_job_into_its_own_run_dir(tmp_path):
     assert len(read_metrics(run_dir)) == 2
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
     assert "sample 0 | First Citizen:" in out.stdout + out.stderr
+
+
+def test_hellaswag_is_evaluated_in_training_and_logged_as_an_accuracy(tmp_path):
+    from test_hellaswag import make_examples, write_examples
+
+    path = write_examples(tmp_path / "hellaswag_val.jsonl", make_examples())
+    run_train(tmp_path / "run", ["optim.max_steps=3", "hellaswag_interval=2", f"hellaswag_path={path}"])
+    rows = read_metrics(tmp_path / "run")
+    scored = [r for r in rows if "hellaswag" in r]
+    assert [r["step"] for r in scored] == [2]  # the interval's step, which is also the last
+    assert 0.0 <= scored[0]["hellaswag"] <= 1.0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3

@@ -293,7 +293,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["peak_mem_bytes"] = peak_memory_bytes(device)
             logger.log(step, metrics)
 
-        if cfg.checkpoint_interval > 0 and is_due(step, cfg.checkpoint_interval, last):
+        # after every checkpoint_interval completed steps: interval 10 saves steps 0-9 as step_000009.pt
+        if cfg.checkpoint_interval > 0 and ((step + 1) % cfg.checkpoint_interval == 0 or last):
             save_checkpoint(ckpt_dir, step, raw_model, optimizer, train_loader, cfg, dist_info)
 
     summary = {

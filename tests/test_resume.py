@@ -14,7 +14,7 @@ from conftest import REPO, TINY
 
 from gpt2x import checkpoint
 
-# Slow enough per step (~0.1-0.5 s) that the kill lands between the step-10 checkpoint and the end of the run.
+# Slow enough per step (~0.1-0.5 s) that the kill lands between the 10-step checkpoint and the end of the run.
 RESUMABLE = TINY + [
     "data.batch_size=4",
     "data.seq_len=32",
@@ -65,14 +65,14 @@ def losses(run_dir):
 def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_losses(tmp_path, extra):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_to_end(straight, extra)
-    kill_after_checkpoint(resumed, 10, extra)
+    kill_after_checkpoint(resumed, 9, extra)  # 10 steps done (0-9), then SIGKILL, then 10 more on resume
     run_to_end(resumed, [*extra, "resume=auto"])
     assert losses(resumed) == losses(straight)  # exact float equality, not approx
 
 
 @pytest.mark.parametrize("damage", ["truncated", "tampered"])
 def test_resume_from_a_damaged_checkpoint_fails_naming_it(tmp_path, damage):
-    run_to_end(tmp_path, ["optim.max_steps=11"])
+    run_to_end(tmp_path, ["optim.max_steps=10"])  # one checkpoint: nothing older to fall back to
     ckpt = checkpoint.latest(tmp_path / "checkpoints")
     data = bytearray(ckpt.read_bytes())
     if damage == "truncated":  # as by a full disk or a partial copy

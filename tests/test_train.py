@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,3 +82,18 @@ def test_hellaswag_is_evaluated_in_training_and_logged_as_an_accuracy(tmp_path):
     assert [r["step"] for r in scored] == [2]  # the interval's step, which is also the last
     assert 0.0 <= scored[0]["hellaswag"] <= 1.0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from gpt2x import checkpoint
+
+    # An absurd learning rate blows the weights up within a few steps: a real divergence, not an injected NaN.
+    overrides = ["optim.max_steps=20", "optim.lr=1e9", "optim.warmup_steps=1", "checkpoint_interval=1"]
+    with pytest.raises(FloatingPointError, match=r"step (\d+): loss=.* is not finite") as e:
+        run_train(tmp_path, overrides)
+    bad_step = int(re.search(r"step (\d+)", str(e.value)).group(1))
+    assert 0 < bad_step < 19
+    last_good = checkpoint.latest(tmp_path / "checkpoints")
+    assert last_good == checkpoint.checkpoint_path(tmp_path / "checkpoints", bad_step - 1)
+    assert checkpoint.load(last_good)["step"] == bad_step - 1
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(bad_step))

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from gpt2x.config import ModelConfig
+from gpt2x.tokenizer import N_VOCAB  # GPT-2's real vocabulary; rows beyond it are padding
 
 log = logging.getLogger(__name__)
 
-N_VOCAB = 50257  # GPT-2's real vocabulary (gpt2x.tokenizer.N_VOCAB); rows beyond it are padding
 PEAK_PROBES = ("cached", "fresh")
 
 # Dense (no sparsity) peak FLOP/s from the vendors' data sheets, per compute dtype. Matched by substring of

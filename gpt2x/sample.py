@@ -45,6 +45,26 @@ def _unwrap(model):
     return model
 
 
+def sample_texts(
+    model,
+    prompt: str,
+    num_samples: int,
+    max_tokens: int,
+    top_k: int = 50,
+    temperature: float = 1.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> list[str]:
+    """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own)."""
+    from gpt2x.tokenizer import gpt2_encoding
+
+    enc = gpt2_encoding()
+    idx = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = generate(model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]  # padding ids have no text
+
+
 def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
     """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir)."""
     from gpt2x import checkpoint
@@ -75,8 +95,6 @@ def main(argv: list[str] | None = None) -> list[str]:
     """gpt2x-sample: print continuations of a prompt from a checkpoint or pretrained GPT-2 weights."""
     import argparse
 
-    from gpt2x.tokenizer import gpt2_encoding
-
     p = argparse.ArgumentParser(prog="gpt2x-sample", description=main.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a gpt2x checkpoint (<run_dir>/checkpoints/step_NNNNNN.pt)")
@@ -91,12 +109,8 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = p.parse_args(argv)
 
     model = load_model(args.checkpoint, args.pretrained, args.device)
-    enc = gpt2_encoding()
-    idx = torch.tensor(enc.encode(args.prompt), dtype=torch.long, device=args.device)
-    idx = idx.unsqueeze(0).repeat(args.num_samples, 1)
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = generate(model, idx, args.max_tokens, temperature=args.temperature, top_k=args.top_k, generator=gen)
-    texts = [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+    texts = sample_texts(model, args.prompt, args.num_samples, args.max_tokens, args.top_k, args.temperature,
+                         args.seed, args.device)  # fmt: skip
     for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}", flush=True)
     return texts

@@ -37,10 +37,9 @@ from gpt2x.metrics import (
 )
 from gpt2x.model import GPT, GPTConfig
 from gpt2x.optim import build_optimizer, lr_at
-from gpt2x.precision import apply_precision, check_precision
+from gpt2x.precision import AUTOCAST_DTYPES, apply_precision, check_precision
 from gpt2x.record import git_info, write_run_record
-from gpt2x.sample import generate
-from gpt2x.tokenizer import gpt2_encoding
+from gpt2x.sample import sample_texts
 
 log = logging.getLogger("gpt2x")
 
@@ -91,7 +90,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
         raise ValueError(f"optim.max_steps={cfg.optim.max_steps} must be at least 1")
     grad_accum_steps(cfg, world_size)
     check_precision(cfg.precision, device)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.precision.autocast_dtype, torch.float32)
+    dtype = AUTOCAST_DTYPES.get(cfg.precision.autocast_dtype, torch.float32)
     check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
     check_compile(cfg.compile, device)
     check_peak_settings(cfg.peak_probe, cfg.peak_flops)
@@ -137,12 +136,15 @@ def evaluate(model, loader, steps: int, precision, device: torch.device) -> floa
 
 def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
     """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text."""
-    enc = gpt2_encoding()
-    idx = torch.tensor(enc.encode(cfg.sample_prompt), dtype=torch.long, device=device)
-    idx = idx.unsqueeze(0).repeat(cfg.sample_count, 1)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    out = generate(model, idx, cfg.sample_max_tokens, top_k=cfg.sample_top_k, generator=gen)
-    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+    return sample_texts(
+        model,
+        cfg.sample_prompt,
+        cfg.sample_count,
+        cfg.sample_max_tokens,
+        top_k=cfg.sample_top_k,
+        seed=cfg.seed,
+        device=device,
+    )
 
 
 def is_due(step: int, interval: int, last: bool) -> bool:

@@ -79,7 +79,7 @@ class PrecisionConfig:
 
 @dataclass
 class AttentionConfig:
-    """Attention kernel; `name` is a key of gpt2x.attention.ATTENTION_KERNELS."""
+    """Attention kernel; `name` is a key of gpt2x.model.attention.ATTENTION_KERNELS."""
 
     name: str = "sdpa"
 

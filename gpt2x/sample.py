@@ -56,7 +56,7 @@ def sample_texts(
     device: str | torch.device = "cpu",
 ) -> list[str]:
     """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own)."""
-    from gpt2x.tokenizer import gpt2_encoding
+    from gpt2x.data.tokenizer import gpt2_encoding
 
     enc = gpt2_encoding()
     idx = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
@@ -67,8 +67,8 @@ def sample_texts(
 
 def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
     """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir)."""
-    from gpt2x import checkpoint
-    from gpt2x.model import GPT, GPTConfig
+    from gpt2x.model.gpt import GPT, GPTConfig
+    from gpt2x.run import checkpoint
 
     if bool(checkpoint_path) == bool(pretrained):
         raise ValueError("give exactly one of --checkpoint PATH or --pretrained NAME_OR_DIR")

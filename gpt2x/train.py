@@ -18,13 +18,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2x import checkpoint, parallel
-from gpt2x.attention import check_attention
-from gpt2x.compile import apply_compile, check_compile
 from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
 from gpt2x.data import build_loader, prepare_dataset
-from gpt2x.logger import build_logger
-from gpt2x.metrics import (
+from gpt2x.model.attention import check_attention
+from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.optim.adamw import build_optimizer, lr_at
+from gpt2x.run import checkpoint
+from gpt2x.run.logger import build_logger
+from gpt2x.run.metrics import (
     check_peak_settings,
     device_name,
     flops_per_token,
@@ -35,11 +36,11 @@ from gpt2x.metrics import (
     synchronize,
     timing_summary,
 )
-from gpt2x.model import GPT, GPTConfig
-from gpt2x.optim import build_optimizer, lr_at
-from gpt2x.precision import AUTOCAST_DTYPES, apply_precision, check_precision
-from gpt2x.record import git_info, write_run_record
+from gpt2x.run.record import git_info, write_run_record
 from gpt2x.sample import sample_texts
+from gpt2x.speed import parallel
+from gpt2x.speed.compile import apply_compile, check_compile
+from gpt2x.speed.precision import AUTOCAST_DTYPES, apply_precision, check_precision
 
 log = logging.getLogger("gpt2x")
 
@@ -325,7 +326,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, dist_info) -> float:
     """HellaSwag acc_norm over the val set (or its first hellaswag_limit examples), split across ranks."""
-    from gpt2x import hellaswag
+    from gpt2x.evals import hellaswag
 
     path = cfg.hellaswag_path or hellaswag.download("val", Path(cfg.cache_dir).expanduser() / "hellaswag")
     correct, total = hellaswag.evaluate(

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from gpt2x.attention import ATTENTION_KERNELS, check_attention, get_attention
-from gpt2x.model import GPT, GPTConfig
+from gpt2x.model.attention import ATTENTION_KERNELS, check_attention, get_attention
+from gpt2x.model.gpt import GPT, GPTConfig
 
 # output/gradient tolerance per dtype: fp32 kernels differ only by summation order; bf16 rounds every intermediate
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}

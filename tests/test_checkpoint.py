@@ -13,9 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpt2x import checkpoint
-from gpt2x.checkpoint import CheckpointError
-from gpt2x.model import GPT, GPTConfig
+from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.run import checkpoint
+from gpt2x.run.checkpoint import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -160,7 +160,7 @@ def test_non_checkpoint_files_and_missing_keys_raise_clear_errors(tmp_path):
 # Saves checkpoints back to back (keep=2) until it is killed.
 _SAVE_FOREVER = """
 import sys, torch
-from gpt2x import checkpoint
+from gpt2x.run import checkpoint
 state = {"model": {"w": torch.randn(1_000_000)}, "optimizer": {}, "step": 0}
 checkpoint.save(sys.argv[1], 1, dict(state, step=1), keep=2)
 print("ready", flush=True)

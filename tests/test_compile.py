@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import compose, run_train
 
-from gpt2x.compile import check_compile
+from gpt2x.speed.compile import check_compile
 from gpt2x.train import validate
 
 RUN = ["peak_flops=1e12", "optim.max_steps=3", "eval_interval=2", "sample_interval=2"]

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from gpt2x.config import GROUPS, OptimConfig
-from gpt2x.optim import lr_at
+from gpt2x.optim.adamw import lr_at
 
 OPTIONS = [(group, p.stem) for group in GROUPS for p in sorted((CONF_DIR / group).glob("*.yaml"))]
 

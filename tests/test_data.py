@@ -13,7 +13,7 @@ import torch
 from gpt2x.config import DataConfig
 from gpt2x.data import DATASETS, build_loader, prepare_dataset, shakespeare, shards
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths, write_shard
-from gpt2x.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

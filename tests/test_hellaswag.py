@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gpt2x import hellaswag
-from gpt2x.model import GPT, GPTConfig
-from gpt2x.tokenizer import gpt2_encoding
+from gpt2x.data.tokenizer import gpt2_encoding
+from gpt2x.evals import hellaswag
+from gpt2x.model.gpt import GPT, GPTConfig
 
 # HellaSwag's format (ind, activity_label, ctx_a, ctx_b, ctx, endings, label, split, split_type, source_id).
 CONTEXTS = [

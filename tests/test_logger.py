@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2x.logger import (
+from gpt2x.run.logger import (
     HYDRA_INFO_ENV,
     NullLogger,
     RunLogger,
@@ -21,7 +21,7 @@ from gpt2x.logger import (
     run_name,
     wandb_has_credentials,
 )
-from gpt2x.record import git_info, package_versions, write_run_record
+from gpt2x.run.record import git_info, package_versions, write_run_record
 
 STEP = {
     "loss": 5.12345,

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2x.loss import linear_cross_entropy
-from gpt2x.model import GPT, GPTConfig
+from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.model.loss import linear_cross_entropy
 
 
 def _plain(x, weight, targets, n_valid):

@@ -12,7 +12,8 @@ import torch
 from conftest import run_train
 
 from gpt2x.config import ModelConfig
-from gpt2x.metrics import (
+from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.run.metrics import (
     flops_per_token,
     gpu_peak_flops,
     peak_flops,
@@ -20,7 +21,6 @@ from gpt2x.metrics import (
     reset_peak_memory,
     timing_summary,
 )
-from gpt2x.model import GPT, GPTConfig
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from gpt2x.model import GPT, GPTConfig
+from gpt2x.model.gpt import GPT, GPTConfig
 from gpt2x.sample import generate
 
 # tests/conftest.py sets HF_HUB_OFFLINE=1 before this import: every checkpoint here is made locally, never downloaded

@@ -20,8 +20,8 @@ import pytest
 import torch
 from conftest import TINY, compose
 
-from gpt2x import parallel
-from gpt2x.parallel import PARALLEL_STRATEGIES, WorkerFailedError
+from gpt2x.speed import parallel
+from gpt2x.speed.parallel import PARALLEL_STRATEGIES, WorkerFailedError
 
 REPO = Path(__file__).resolve().parents[1]
 B, T, K = 2, 32, 2  # micro-batch, sequence length, micro-steps per rank in the 2-process runs
@@ -85,7 +85,7 @@ def test_fsdp_two_procs_equals_single_proc_and_checkpoints_full_weights(single_r
     assert got == pytest.approx(ref, abs=1e-5), f"fsdp {got} vs single {ref}"
 
     # Rank 0 wrote checkpoints of whole tensors, gathered from the shards: one loads into a plain model.
-    from gpt2x import checkpoint
+    from gpt2x.run import checkpoint
     from gpt2x.train import build_model
 
     step1 = checkpoint.checkpoint_path(run / "checkpoints", 1)
@@ -122,7 +122,7 @@ def test_worker_that_fails_fails_the_run_with_its_rank_and_error(tmp_path):
     message = str(err.value)
     assert "parallel=ddp: rank 1 of 2 failed" in message
     assert "IndexError" in message and "index out of range" in message
-    assert "rank 1 traceback:" in message and "model.py" in message  # where it broke, not just that it broke
+    assert "rank 1 traceback:" in message and "gpt.py" in message  # where it broke, not just that it broke
     assert time.time() - t0 < 120  # rank 0 was stopped, not left waiting for the all-reduce timeout
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import compose, run_train
 
-from gpt2x.precision import apply_precision
+from gpt2x.speed.precision import apply_precision
 from gpt2x.train import validate
 
 CPU = torch.device("cpu")
@@ -41,7 +41,7 @@ def test_every_cpu_precision_trains_to_a_finite_loss_close_to_fp32s(tmp_path, fp
 
 
 def test_tf32_on_cpu_says_once_that_it_has_no_effect(caplog):
-    with caplog.at_level(logging.INFO, logger="gpt2x.precision"):
+    with caplog.at_level(logging.INFO, logger="gpt2x.speed.precision"):
         precision = apply_precision(compose(["precision=tf32"]).precision, CPU)
     notes = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
     assert notes == ["precision=tf32: TF32 has no effect on cpu (matmuls under 'high' equal full fp32 bit for bit); "

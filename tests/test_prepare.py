@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from gpt2x.config import DataConfig
 from gpt2x.data import fineweb
 from gpt2x.data.fineweb import prepare_fineweb
+from gpt2x.data.prepare import main as prepare_main
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths
-from gpt2x.prepare import main as prepare_main
-from gpt2x.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her it an be this are which ship sea rain".split()
@@ -110,7 +110,7 @@ def _run_cli_until(args: list[str], manifest: Path, min_shards: int) -> dict:
     """Run gpt2x-prepare in a subprocess and SIGKILL it (and its workers) once `min_shards` shards are recorded."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt2x.prepare", *args],
+        [sys.executable, "-m", "gpt2x.data.prepare", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

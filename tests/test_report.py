@@ -12,7 +12,7 @@ from conftest import CONF_DIR, REPO, TINY, compose
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from gpt2x.report import REPORT_FILES, main
+from gpt2x.run.report import REPORT_FILES, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LADDER = OmegaConf.load(CONF_DIR / "experiment" / "ladder.yaml").hydra.sweeper.params.rung.split(",")

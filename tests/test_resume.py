@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import REPO, TINY
 
-from gpt2x import checkpoint
+from gpt2x.run import checkpoint
 
 # Slow enough per step (~0.1-0.5 s) that the kill lands between the 10-step checkpoint and the end of the run.
 RESUMABLE = TINY + [

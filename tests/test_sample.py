@@ -7,8 +7,8 @@ import torch
 import transformers
 from conftest import run_train
 
+from gpt2x.data.tokenizer import gpt2_encoding
 from gpt2x.sample import main
-from gpt2x.tokenizer import gpt2_encoding
 
 
 def test_greedy_sample_from_a_local_transformers_gpt2_equals_transformers_generate(hf_gpt2_dir, capsys):

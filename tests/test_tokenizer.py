@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2x.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
 TINY_SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 

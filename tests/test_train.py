@@ -85,7 +85,7 @@ def test_hellaswag_is_evaluated_in_training_and_logged_as_an_accuracy(tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    from gpt2x import checkpoint
+    from gpt2x.run import checkpoint
 
     # An absurd learning rate blows the weights up within a few steps: a real divergence, not an injected NaN.
     overrides = ["optim.max_steps=20", "optim.lr=1e9", "optim.warmup_steps=1", "checkpoint_interval=1"]

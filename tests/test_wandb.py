@@ -1,4 +1,4 @@
-"""W&B logging with the real wandb library in offline mode, read back with gpt2x.wandb_offline."""
+"""W&B logging with the real wandb library in offline mode, read back with wandb_offline."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from omegaconf import DictConfig, OmegaConf
+from wandb_offline import find_runs, iter_messages, read_run, wait_for_exit
 
-from gpt2x.logger import HYDRA_INFO_ENV, build_logger
-from gpt2x.wandb_offline import find_runs, iter_messages, read_run
+from gpt2x.run.logger import HYDRA_INFO_ENV, build_logger
 from tests.conftest import REPO, TINY, compose
 
 STEP = {
@@ -184,6 +184,7 @@ def test_reader_reassembles_messages_split_across_32k_blocks(tmp_path):
 def test_reader_rejects_corrupt_and_foreign_files(tmp_path):
     build_logger(make_cfg(), tmp_path / "run", is_main=True).finish({})
     (path,) = find_runs(tmp_path / "run")
+    wait_for_exit(path)  # copy the whole log, not the part written before `finish` returned
     data = bytearray(path.read_bytes())
     data[20] ^= 0xFF  # inside the first record's payload
     bad = tmp_path / "run-bad.wandb"

@@ -2,7 +2,7 @@
 
 Three ways to train the same GPT-2 shape on the same batches with the same settings, in one process:
   gpt2x  - gpt2x.train.train(cfg, run_dir): the real framework loop (logging, metrics, schedule, clipping, ...)
-  bare   - the same gpt2x.model.GPT in a hand-written loop: next_batch, forward, backward, clip, AdamW step
+  bare   - the same gpt2x.model.gpt.GPT in a hand-written loop: next_batch, forward, backward, clip, AdamW step
   hf     - transformers' GPT2LMHeadModel (attn_implementation="sdpa") in that same hand-written loop
 The variants take turns for --rounds rounds, in rotating order (so a busy neighbour slows all of them alike), each
 round a fresh model trained for --steps optimizer steps. The first --warmup steps of every round are dropped
@@ -62,7 +62,7 @@ def run_gpt2x(cfg, workdir: Path) -> list[float]:
 def run_bare(cfg, make_model, compile_model: bool) -> list[float]:
     """The minimal loop over the same batches: what any training script has to do, nothing more."""
     from gpt2x.data import build_loader
-    from gpt2x.metrics import synchronize
+    from gpt2x.run.metrics import synchronize
     from gpt2x.train import resolve_device
 
     device = resolve_device(cfg.device)
@@ -70,7 +70,7 @@ def run_bare(cfg, make_model, compile_model: bool) -> list[float]:
     torch.manual_seed(cfg.seed)
     model = make_model().to(device)
     if compile_model:
-        torch._dynamo.reset()  # as gpt2x.compile does: a fresh recompile budget for each round
+        torch._dynamo.reset()  # as gpt2x.speed.compile does: a fresh recompile budget for each round
     step_model = torch.compile(model) if compile_model else model
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},

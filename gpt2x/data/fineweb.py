@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2x.data.shards import write_shard
-from gpt2x.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"  # ~10B GPT-2 tokens, the build-nanogpt run

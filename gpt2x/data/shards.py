@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2x.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
 log = logging.getLogger(__name__)
 

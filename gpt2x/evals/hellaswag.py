@@ -4,7 +4,7 @@ Each example is a context and 4 endings. We score context + " " + ending for all
 with the lowest mean cross entropy over the ending tokens (acc_norm; the mean removes the bias towards short
 endings). GPT-2 124M scores ~0.2955 on the 10,042 val examples this way; random is 0.25.
 
-    python -m gpt2x.hellaswag --split val --cache-dir ~/.cache/gpt2x/hellaswag   # download once (needs internet)
+    python -m gpt2x.evals.hellaswag --split val --cache-dir ~/.cache/gpt2x/hellaswag   # download once (needs internet)
 """
 
 import argparse
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gpt2x.tokenizer import gpt2_encoding
+from gpt2x.data.tokenizer import gpt2_encoding
 
 URLS = {
     "train": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl",
@@ -51,7 +51,8 @@ def iterate_examples(path: str | os.PathLike) -> Iterator[dict]:
     if not path.is_file():
         raise FileNotFoundError(
             f"HellaSwag file {path} does not exist; set hellaswag_path to a hellaswag_val.jsonl, or "
-            "hellaswag_path=null to download it into cache_dir (or run `python -m gpt2x.hellaswag --cache-dir DIR`)"
+            "hellaswag_path=null to download it into cache_dir "
+            "(or run `python -m gpt2x.evals.hellaswag --cache-dir DIR`)"
         )
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -138,7 +139,7 @@ def evaluate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Download a HellaSwag split: `python -m gpt2x.hellaswag --split val --cache-dir DIR`."""
+    """Download a HellaSwag split: `python -m gpt2x.evals.hellaswag --split val --cache-dir DIR`."""
     parser = argparse.ArgumentParser(description="Download a HellaSwag split for hellaswag_path.")
     parser.add_argument("--split", default="val", choices=sorted(URLS))
     parser.add_argument("--cache-dir", default=".", help="the file goes to <cache-dir>/hellaswag_<split>.jsonl")

@@ -155,6 +155,7 @@ def read_run(path: str | Path) -> OfflineRun:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a run-*.wandb file or a directory holding one")
+    wait_for_exit(path)  # W&B's service writes the end of the log ~0.1-1 s after `finish` returns
 
     run = OfflineRun(path=path)
     for record in iter_records(path):

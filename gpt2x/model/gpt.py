@@ -8,8 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt2x.attention import get_attention
-from gpt2x.loss import linear_cross_entropy
+from gpt2x.model.attention import get_attention
+from gpt2x.model.loss import linear_cross_entropy
 
 # transformers' GPT-2 stores these as Conv1D, i.e. (in, out); nn.Linear wants (out, in)
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -24,9 +24,9 @@ class GPTConfig:
     n_layer: int = 12  # transformer blocks
     n_head: int = 12  # attention heads per block
     n_embd: int = 768  # residual stream width
-    attention: str = "sdpa"  # key of gpt2x.attention.ATTENTION_KERNELS
+    attention: str = "sdpa"  # key of gpt2x.model.attention.ATTENTION_KERNELS
     real_vocab_size: int = 50257  # tokens >= this are padding rows: never targets, never predicted
-    fused_ce: bool = False  # training loss by gpt2x.loss.linear_cross_entropy: the (B, T, V) logits never exist
+    fused_ce: bool = False  # training loss by gpt2x.model.loss.linear_cross_entropy: the (B, T, V) logits never exist
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:

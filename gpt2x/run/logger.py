@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2x.record import REPO_DIR, git_info
+from gpt2x.run.record import REPO_DIR, git_info
 
 log = logging.getLogger("gpt2x")
 
@@ -42,9 +42,6 @@ WANDB_KEYS = {
     "val_loss": "val/loss",
     "hellaswag": "eval/hellaswag",
 }
-
-# Seconds `finish` waits for W&B's service to write the end of the run's log.
-FINISH_TIMEOUT = 10.0
 
 # Task overrides that say where things are, not what was run: left out of the W&B run name.
 _NOISY_OVERRIDE_KEYS = ("logger", "hydra", "resume")
@@ -132,10 +129,7 @@ class RunLogger:
         if self.wandb_run is not None:
             self._wandb("summary", lambda: self.wandb_run.summary.update(summary))
         if self.wandb_run is not None:
-            sync_file = getattr(self.wandb_run.settings, "sync_file", None)
             self._wandb("finish", lambda: self.wandb_run.finish())
-            if self.wandb_run is not None and sync_file:
-                self._wait_for_wandb_log(Path(sync_file))
         self.wandb_run = None
         self._metrics_file.close()
         if self._samples_file is not None:
@@ -154,18 +148,6 @@ class RunLogger:
                 run.finish(exit_code=1)
             except Exception:  # noqa: BLE001
                 pass
-
-    def _wait_for_wandb_log(self, sync_file: Path) -> None:
-        """Block until W&B's service has written the run's log to its end (it lags `finish` by ~0.1-1 s)."""
-        from gpt2x.wandb_offline import wait_for_exit
-
-        try:
-            done = wait_for_exit(sync_file, timeout=FINISH_TIMEOUT)
-        except (OSError, ValueError) as e:
-            done = False
-            log.debug("could not read %s: %s", sync_file, e)
-        if not done:
-            log.warning("W&B log %s not complete after %.0f s; it may be cut short", sync_file, FINISH_TIMEOUT)
 
     def _log_samples_wandb(self, step: int, samples: list[str]) -> None:
         import wandb

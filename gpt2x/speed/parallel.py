@@ -100,7 +100,7 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistInfo:
         raise ValueError(
             f"parallel={cfg.name} runs in worker processes, and this process was not started as one (no WORLD_SIZE "
             "in the environment); start it with gpt2x-train (which starts parallel.nproc_per_node workers), with "
-            "torchrun, or call gpt2x.parallel.launch(train, cfg, run_dir)"
+            "torchrun, or call gpt2x.speed.parallel.launch(train, cfg, run_dir)"
         )
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group exists, so NCCL binds this rank to its own GPU
@@ -294,7 +294,7 @@ def launch(fn, cfg: DictConfig, run_dir: Path):
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    from gpt2x.logger import export_hydra_info
+    from gpt2x.run.logger import export_hydra_info
 
     export_hydra_info()  # workers have no HydraConfig: W&B run name/group and record.json read it from the env
     # Resolved here so every worker sees the same values (env lookups, ${hydra:...}) without Hydra set up.

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gpt2x.config import ModelConfig
-from gpt2x.tokenizer import N_VOCAB  # GPT-2's real vocabulary; rows beyond it are padding
+from gpt2x.data.tokenizer import N_VOCAB  # GPT-2's real vocabulary; rows beyond it are padding
 
 log = logging.getLogger(__name__)
 

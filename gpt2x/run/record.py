@@ -33,7 +33,7 @@ RECORDED_PACKAGES = (
     "datasets",
 )
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 
 
 @functools.cache
@@ -87,7 +87,7 @@ def device_info(device: str | None = None) -> dict[str, Any]:
 
 def build_run_record(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run record as a dict (see module docstring); `extra` keys are merged in last."""
-    from gpt2x.logger import hydra_run_info, jsonable
+    from gpt2x.run.logger import hydra_run_info, jsonable
 
     hydra = hydra_run_info()
     record: dict[str, Any] = {

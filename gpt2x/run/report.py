@@ -287,7 +287,7 @@ class SweepReport(Callback):
             log.warning("sweep report not written: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gpt2x.logger import log_sweep_report
+        from gpt2x.run.logger import log_sweep_report
 
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute()
         try:

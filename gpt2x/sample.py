@@ -67,26 +67,19 @@ def sample_texts(
 
 def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
     """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir)."""
-    from gpt2x.model.gpt import GPT, GPTConfig
+    from gpt2x.config import ModelConfig
+    from gpt2x.model.gpt import GPT
+    from gpt2x.model.hf import from_pretrained
     from gpt2x.run import checkpoint
 
     if bool(checkpoint_path) == bool(pretrained):
         raise ValueError("give exactly one of --checkpoint PATH or --pretrained NAME_OR_DIR")
     if pretrained:
-        model = GPT.from_pretrained(pretrained)
+        model = from_pretrained(pretrained)
     else:
         state = checkpoint.load(checkpoint_path)
-        m = state["config"]["model"]
-        model = GPT(
-            GPTConfig(
-                block_size=m["block_size"],
-                vocab_size=m["vocab_size"],
-                n_layer=m["n_layer"],
-                n_head=m["n_head"],
-                n_embd=m["n_embd"],
-                attention=state["config"]["attention"]["name"],
-            )
-        )
+        m = {k: v for k, v in state["config"]["model"].items() if k != "fused_ce"}  # older checkpoints had fused_ce
+        model = GPT(ModelConfig(**m), state["config"]["attention"]["name"])
         model.load_state_dict(state["model"])
     return model.to(device).eval()
 

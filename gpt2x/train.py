@@ -10,37 +10,37 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+import sys
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
-from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
+from gpt2x import launch
+from gpt2x.config import CONFIG_PATH, is_due
 from gpt2x.data import build_loader, prepare_dataset
-from gpt2x.model.attention import check_attention
-from gpt2x.model.gpt import GPT, GPTConfig
-from gpt2x.optim.adamw import build_optimizer, lr_at
-from gpt2x.run import checkpoint
+from gpt2x.model.gpt import GPT
+from gpt2x.model.hf import from_pretrained
+from gpt2x.optim import build_optimizer, lr_at
+from gpt2x.run.checkpoint import Checkpointer, ResumeError
 from gpt2x.run.logger import build_logger
 from gpt2x.run.metrics import (
-    check_peak_settings,
+    StepTimer,
     device_name,
     flops_per_token,
-    mfu,
     peak_flops,
     peak_memory_bytes,
     reset_peak_memory,
-    synchronize,
-    timing_summary,
 )
-from gpt2x.run.record import git_info, write_run_record
+from gpt2x.run.record import build_run_record, run_summary, write_run_record
+from gpt2x.run.rundir import check_run_dir, last_logged_step, restore_hydra_config
 from gpt2x.sample import sample_texts
 from gpt2x.speed import parallel
-from gpt2x.speed.compile import apply_compile, check_compile
-from gpt2x.speed.precision import AUTOCAST_DTYPES, apply_precision, check_precision
+from gpt2x.speed.precision import apply_precision
+from gpt2x.validate import grad_accum_steps, validate
 
 log = logging.getLogger("gpt2x")
 
@@ -60,64 +60,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def grad_accum_steps(cfg: DictConfig, world_size: int) -> int:
-    """Micro-steps per optimizer step so that B*T*world_size*steps == data.total_batch_size tokens."""
-    per_micro = cfg.data.batch_size * cfg.data.seq_len * world_size
-    total = cfg.data.total_batch_size or per_micro
-    if total % per_micro:
-        raise ValueError(
-            f"data.total_batch_size={total} is not divisible by data.batch_size*data.seq_len*world_size = "
-            f"{cfg.data.batch_size}*{cfg.data.seq_len}*{world_size} = {per_micro}; "
-            f"use a multiple of {per_micro}, e.g. {per_micro * max(1, round(total / per_micro))}"
-        )
-    return total // per_micro
-
-
-def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
-    """Cross-group rules, checked once before any work starts; each error names the settings involved."""
-    if cfg.data.seq_len > cfg.model.block_size:
-        raise ValueError(
-            f"data.seq_len={cfg.data.seq_len} exceeds model.block_size={cfg.model.block_size} "
-            f"(model={cfg.model.name}); "
-            f"use data.seq_len<={cfg.model.block_size}"
-        )
-    if cfg.data.batch_size < 1 or cfg.data.seq_len < 1:
-        raise ValueError("data.batch_size and data.seq_len must be positive")
-    if cfg.model.vocab_size < 50257:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than GPT-2's 50257 tokens")
-    if cfg.model.n_embd % cfg.model.n_head:
-        raise ValueError(f"model.n_embd={cfg.model.n_embd} is not divisible by model.n_head={cfg.model.n_head}")
-    if cfg.optim.max_steps < 1:
-        raise ValueError(f"optim.max_steps={cfg.optim.max_steps} must be at least 1")
-    grad_accum_steps(cfg, world_size)
-    check_precision(cfg.precision, device)
-    dtype = AUTOCAST_DTYPES.get(cfg.precision.autocast_dtype, torch.float32)
-    check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
-    check_compile(cfg.compile, device)
-    check_peak_settings(cfg.peak_probe, cfg.peak_flops)
-    parallel.check_parallel(cfg.parallel, cfg.precision, device, world_size)
-
-
 def build_model(cfg: DictConfig) -> GPT:
     """Random init at the configured size, or the weights of a transformers GPT-2 (model.init_from)."""
-    if cfg.model.init_from:
-        return GPT.from_pretrained(
-            cfg.model.init_from,
-            attention=cfg.attention.name,
-            vocab_size=cfg.model.vocab_size,
-            fused_ce=cfg.model.fused_ce,
-        )
-    return GPT(
-        GPTConfig(
-            block_size=cfg.model.block_size,
-            vocab_size=cfg.model.vocab_size,
-            n_layer=cfg.model.n_layer,
-            n_head=cfg.model.n_head,
-            n_embd=cfg.model.n_embd,
-            attention=cfg.attention.name,
-            fused_ce=cfg.model.fused_ce,
-        )
-    )
+    m = cfg.model
+    if m.init_from:
+        return from_pretrained(m.init_from, cfg.attention.name, cfg.loss.name, vocab_size=m.vocab_size)
+    return GPT(OmegaConf.to_object(m), cfg.attention.name, cfg.loss.name)
 
 
 @torch.no_grad()
@@ -148,110 +96,48 @@ def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
     )
 
 
-def is_due(step: int, interval: int, last: bool) -> bool:
-    return last or (interval > 0 and step > 0 and step % interval == 0)
-
-
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Run one training job in this process (one rank of it under DDP/FSDP). Returns the summary."""
+    """Run one training job in this process (one rank of it under DDP/FSDP). Returns the run's summary."""
     # -- processes, device, precision
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist_info = parallel.init_distributed(cfg.parallel, device)
-    run_dir = parallel.shared_run_dir(run_dir, dist_info, device)  # torchrun ranks may each have made a dir
-    rank, world_size = dist_info.rank, dist_info.world_size
-    validate(cfg, device, world_size)
+    dist = parallel.init_distributed(cfg.parallel, device)
+    run_dir = parallel.shared_run_dir(run_dir, dist, device)  # torchrun ranks may each have made a dir
+    validate(cfg, device, dist.world_size)
     precision = apply_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # same init on every rank
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     reset_peak_memory(device)  # runs of one multirun share this process; each reports its own peak
 
     # -- data: each rank reads its own B*T windows of the same stream
-    B, T = cfg.data.batch_size, cfg.data.seq_len
-    accum = grad_accum_steps(cfg, world_size)
-    if world_size > 1:  # rank 0 tokenizes a cold cache once; the others wait and then read it
-        if dist_info.is_main:
-            prepare_dataset(cfg.data)
-        torch.distributed.barrier()
-    train_loader = build_loader(cfg.data, "train", rank=rank, world_size=world_size, seed=cfg.seed)
-    val_loader = build_loader(cfg.data, "val", rank=rank, world_size=world_size, seed=cfg.seed)
+    accum = grad_accum_steps(cfg, dist.world_size)
+    train_loader, val_loader = build_loaders(cfg, dist)
 
-    # -- model: build, compile, then wrap for data parallelism (torchtitan's order)
+    # -- model: build, then compile and wrap for data parallelism in the order each layout needs
     raw_model = build_model(cfg).to(device)
-    model = apply_compile(raw_model, cfg.compile)
-    model = parallel.apply_parallel(model, cfg.parallel, dist_info, device, precision.autocast_dtype)
+    model = parallel.parallelize(raw_model, cfg, device, precision.autocast_dtype)
     optimizer = build_optimizer(raw_model, cfg.optim, device.type)
 
-    # -- bookkeeping: run record, logger, MFU reference
-    tokens_per_step = B * T * accum * world_size
-    flops_tok = flops_per_token(cfg.model, T)
-    # MFU reference; peak_probe=fresh measures it right here, between the previous run of a multirun and this one.
-    # CPU workers share the cores, so a probe cached under other load would misjudge them: they probe together, now.
-    probe = "fresh" if device.type == "cpu" and world_size > 1 else cfg.peak_probe
-    peak, peak_source = peak_flops(
-        device, precision.compute_dtype, precision.uses_tf32, cfg.cache_dir, probe, cfg.peak_flops
-    )
-    peak *= world_size
+    # -- resume, run record, logger: model, optimizer, data position and RNG continue where the checkpoint left them
+    checkpointer = Checkpointer(run_dir, cfg, dist)
+    start_step = checkpointer.resume(raw_model, optimizer, train_loader)
+    timer, record = start_run_record(cfg, run_dir, dist, device, precision, raw_model, accum, checkpointer.resumed)
+    logger = build_logger(cfg, run_dir, dist.is_main, start_step)
 
-    # -- resume: model, optimizer, data position and RNG continue exactly where the checkpoint left them
-    ckpt_dir = run_dir / "checkpoints"
-    start_step = 0
-    resume_path = checkpoint.latest(ckpt_dir) if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and resume_path is None and checkpoint.list_checkpoints(ckpt_dir):
-        raise checkpoint.CheckpointError(
-            f"resume=auto: every checkpoint in {ckpt_dir} is incomplete; pass resume=<path> or resume=null to restart"
-        )
-    if resume_path:
-        state = checkpoint.load(resume_path)
-        parallel.load_full_state_dicts(raw_model, optimizer, state["model"], state["optimizer"])
-        train_loader.load_state_dict(state["loader"])
-        rngs = state["rng"]  # one per rank; resuming on more ranks than saved, the new ones start from rank 0's
-        checkpoint.restore_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
-        start_step = state["step"] + 1
-        log.info("resumed from %s at step %d", resume_path, start_step)
-
-    logger = build_logger(cfg, run_dir, dist_info.is_main, start_step)
-    if dist_info.is_main:
-        write_run_record(
-            cfg,
-            run_dir,
-            {
-                "world_size": world_size,
-                "grad_accum_steps": accum,
-                "tokens_per_step": tokens_per_step,
-                "params": raw_model.num_params(non_embedding=False),
-                "flops_per_token": flops_tok,
-                "peak_flops": peak,
-                "peak_flops_source": peak_source,
-                "torch_device": str(device),
-            },
-        )
-        log.info(
-            "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s "
-            "precision=%s attention=%s compile=%s",
-            cfg.model.name, raw_model.num_params(non_embedding=False) / 1e6, cfg.data.name, B, T, accum, world_size,
-            device, cfg.precision.name, cfg.attention.name, cfg.compile.name,
-        )  # fmt: skip
-
-    step_ms: list[float] = []  # timed steps; the first timing_warmup_steps (allocator warm-up, compile) go to warmup_ms
-    warmup_ms: list[float] = []
-    last_loss = val_loss = float("nan")
+    last_loss = val_loss = None
     max_steps = cfg.optim.max_steps
     for step in range(start_step, max_steps):
         last = step == max_steps - 1
         metrics = {}
         if is_due(step, cfg.eval_interval, last):
             metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
-        if cfg.hellaswag_interval and is_due(step, cfg.hellaswag_interval, last):
+        if is_due(step, cfg.hellaswag_interval, last):
             # the eager model: every example has its own length, which would recompile a compiled one each time
-            metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist_info)
+            metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist)
         # Under FSDP a forward pass is a collective (it gathers the weights), so every rank samples; rank 0 logs.
-        if is_due(step, cfg.sample_interval, last) and (dist_info.is_main or parallel.is_fsdp(raw_model)):
+        if is_due(step, cfg.sample_interval, last) and (dist.is_main or parallel.is_fsdp(raw_model)):
             logger.log_samples(step, sample(raw_model, cfg, device))
 
         # -- one optimizer step over `accum` micro-batches
-        synchronize(device)
-        t0 = time.perf_counter()
+        timer.start()
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=device)
@@ -273,55 +159,77 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             group["lr"] = lr
         precision.scaler.step(optimizer)
         precision.scaler.update()
-        synchronize(device)
-        dt = time.perf_counter() - t0
+        metrics |= timer.stop()
 
         last_loss, norm = loss_accum.item(), grad_norm.item()
-        if not math.isfinite(last_loss) or (not math.isfinite(norm) and not precision.scaler.is_enabled()):
-            raise FloatingPointError(
-                f"step {step}: loss={last_loss} grad_norm={norm} is not finite; stopping. The last good checkpoint "
-                f"(if any) is in {ckpt_dir}; lower optim.lr or try precision=fp32 / bf16."
-            )
-        (step_ms if step - start_step >= cfg.timing_warmup_steps else warmup_ms).append(dt * 1000)
-        tokens_per_sec = tokens_per_step / dt
-        metrics |= {
-            "loss": last_loss,
-            "lr": lr,
-            "grad_norm": norm,
-            "ms_per_batch": dt * 1000,
-            "tokens_per_sec": tokens_per_sec,
-            "mfu": mfu(flops_tok, tokens_per_sec, peak),
-        }
+        check_finite(step, last_loss, norm, precision, checkpointer)
+        metrics |= {"loss": last_loss, "lr": lr, "grad_norm": norm}
         if step % cfg.log_interval == 0 or last or "val_loss" in metrics:
-            metrics["peak_mem_bytes"] = peak_memory_bytes(device)
-            logger.log(step, metrics)
+            logger.log(step, metrics | {"peak_mem_bytes": peak_memory_bytes(device)})
+        checkpointer.save_if_due(step, last, raw_model, optimizer, train_loader)
 
-        # after every checkpoint_interval completed steps: interval 10 saves steps 0-9 as step_000009.pt
-        if cfg.checkpoint_interval > 0 and ((step + 1) % cfg.checkpoint_interval == 0 or last):
-            save_checkpoint(ckpt_dir, step, raw_model, optimizer, train_loader, cfg, dist_info)
+    results = {"steps": max_steps, "final_loss": last_loss, "final_val_loss": val_loss, **timer.summary(),
+               "peak_mem_bytes": peak_memory_bytes(device)}  # fmt: skip
+    logger.finish(results)
+    parallel.destroy()
+    return run_summary(record, results)
 
-    summary = {
-        "steps": max_steps,
-        "final_loss": last_loss,
-        "final_val_loss": val_loss,
-        **timing_summary(step_ms, tokens_per_step, flops_tok, peak, warmup_ms),
-        "peak_mem_bytes": peak_memory_bytes(device),
-        "tokens_per_step": tokens_per_step,
+
+def build_loaders(cfg: DictConfig, dist) -> tuple:
+    """This rank's train and val loaders; under several ranks rank 0 tokenizes a cold cache once, the others wait."""
+    if dist.world_size > 1:
+        if dist.is_main:
+            prepare_dataset(cfg.data)
+        torch.distributed.barrier()
+    return tuple(
+        build_loader(cfg.data, split, rank=dist.rank, world_size=dist.world_size, seed=cfg.seed)
+        for split in ("train", "val")
+    )
+
+
+def check_finite(step: int, loss: float, norm: float, precision, checkpointer: Checkpointer) -> None:
+    """Stop on a NaN/inf loss (or gradient, unless loss scaling skips such steps) before it can be checkpointed."""
+    if not math.isfinite(loss) or (not math.isfinite(norm) and not precision.scaler.is_enabled()):
+        raise FloatingPointError(
+            f"step {step}: loss={loss} grad_norm={norm} is not finite; stopping. The last good checkpoint "
+            f"(if any) is in {checkpointer.dir}; lower optim.lr or try precision=fp32 / bf16."
+        )
+
+
+def start_run_record(cfg, run_dir: Path, dist, device, precision, raw_model, accum: int, resumed) -> tuple:
+    """The step timer (with the MFU reference) and the run's record, written to record.json by rank 0."""
+    B, T, world = cfg.data.batch_size, cfg.data.seq_len, dist.world_size
+    # MFU reference: one device's peak. CPU workers share the cores, so a probe cached under other load would
+    # misjudge them: they probe together, now.
+    probe = "fresh" if device.type == "cpu" and world > 1 else cfg.peak_probe
+    peak, peak_source = peak_flops(device, precision.compute_dtype, precision.uses_tf32, cfg.cache_dir, probe,
+                                   cfg.peak_flops)  # fmt: skip
+    facts = {
+        "world_size": world,
         "grad_accum_steps": accum,
-        "world_size": world_size,
-        "device": str(device),
-        "device_name": device_name(device),
+        "tokens_per_step": B * T * accum * world,
+        "params": raw_model.num_params(non_embedding=False),
+        "flops_per_token": flops_per_token(cfg.model, T),
         "peak_flops": peak,
         "peak_flops_source": peak_source,
-        "torch_version": torch.__version__,
-        "git_commit": git_info().get("commit"),
-        "config": {k: cfg[k].name for k in ("model", "data", "precision", "attention", "compile", "parallel")},
+        "torch_device": str(device),
+        "device_name": device_name(device),
         "rung": cfg.rung,
         "experiment": cfg.experiment,
+        "config_choices": {k: cfg[k].name for k in ("model", "data", "precision", "attention", "loss", "compile",
+                                                    "parallel")},  # fmt: skip
+        "resumed": resumed,
     }
-    logger.finish(summary)
-    parallel.destroy()
-    return summary
+    timer = StepTimer(device, cfg.timing_warmup_steps, facts["tokens_per_step"], facts["flops_per_token"], peak, world)
+    record = build_run_record(cfg, facts)
+    if dist.is_main:
+        write_run_record(cfg, run_dir, facts)
+        log.info(
+            "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s precision=%s attention=%s "
+            "loss=%s compile=%s", cfg.model.name, facts["params"] / 1e6, cfg.data.name, B, T, accum, world, device,
+            cfg.precision.name, cfg.attention.name, cfg.loss.name, cfg.compile.name,
+        )  # fmt: skip
+    return timer, record
 
 
 def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, dist_info) -> float:
@@ -335,35 +243,29 @@ def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, 
     return correct / max(1, total)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg: DictConfig, dist_info) -> None:
-    """Everything needed to continue bit-exactly: weights, optimizer, schedule step, per-rank data position and RNG."""
-    rngs = [checkpoint.capture_rng_state()]
-    if dist_info.world_size > 1:
-        rngs = [None] * dist_info.world_size
-        torch.distributed.all_gather_object(rngs, checkpoint.capture_rng_state())
-    model_state, optimizer_state = parallel.full_state_dicts(raw_model, optimizer)  # FSDP: gathers to rank 0
-    if dist_info.is_main:
-        state = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "step": step,
-            "loader": loader.state_dict(),  # the stream position, shared by all ranks
-            "rng": rngs,
-            "config": OmegaConf.to_container(cfg, resolve=True),
-        }
-        checkpoint.save(ckpt_dir, step, state, keep=cfg.keep_checkpoints)
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the sweep objective: final val loss.
 
-
-# conf/ sits beside the package (the repo layout); an absolute path works for editable installs and `python -m`.
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the final val loss for sweepers."""
+    Everything that can be refused is refused here, before any worker, data or model: settings (gpt2x.validate) and
+    a run dir that holds another run. Ctrl-C ends the run with one line and exit code 130; its checkpoints stay usable.
+    """
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = parallel.launch(train, cfg, run_dir)
-    return summary.get("final_val_loss", float("nan"))
+    launch.export_submitit_env()
+    validate(cfg, resolve_device(cfg.device), launch.world_size_to_launch(cfg))
+    check_run_dir(run_dir, cfg.resume)
+    try:
+        summary = launch.launch(train, cfg, run_dir)
+    except ResumeError:
+        restore_hydra_config(run_dir)  # the refused resume leaves the run's config as it was
+        raise
+    except (KeyboardInterrupt, SignalException) as e:
+        step = last_logged_step(run_dir)
+        why = "Ctrl-C" if isinstance(e, KeyboardInterrupt) else f"signal {e.sigval.name}"
+        print(f"gpt2x-train: interrupted ({why}) after step {step}; checkpoints in {run_dir / 'checkpoints'} are "
+              "intact (continue with resume=auto)", file=sys.stderr)  # fmt: skip
+        sys.exit(130)
+    return summary.get("final_val_loss")
 
 
 if __name__ == "__main__":

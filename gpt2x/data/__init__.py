@@ -22,12 +22,11 @@ __all__ = ["DATASETS", "ShardLoader", "build_loader", "load_shard", "prepare_dat
 
 def prepare_dataset(cfg) -> Path:
     """Tokenize the dataset data.name into shards (once; cached under data.cache_dir) and return their directory."""
-    if cfg.name not in DATASETS:
-        raise ValueError(f"data.name={cfg.name!r} is not a known dataset; choose one of {sorted(DATASETS)}")
-    return DATASETS[cfg.name](cfg)
+    return DATASETS[cfg.name](cfg)  # data.name checked by gpt2x.validate
 
 
 def build_loader(cfg, split: str, rank: int = 0, world_size: int = 1, seed: int = 0) -> ShardLoader:
     """Prepare the dataset if needed and return a loader over one split's shards for this rank."""
     directory = prepare_dataset(cfg)
-    return ShardLoader(shard_paths(directory, split), cfg.batch_size, cfg.seq_len, rank, world_size, seed)
+    shuffle = cfg.shuffle_shards and split == "train"
+    return ShardLoader(shard_paths(directory, split), cfg.batch_size, cfg.seq_len, rank, world_size, seed, shuffle)

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt2x.config import FinewebDataConfig
 from gpt2x.data.shards import write_shard
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
-DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
-DEFAULT_NAME = "sample-10BT"  # ~10B GPT-2 tokens, the build-nanogpt run
-DEFAULT_SHARD_SIZE = 100_000_000  # 100M tokens (200 MB) per shard: ~100 shards for sample-10BT
+# The defaults live once, in the data=fineweb_edu schema.
+DEFAULT_SOURCE = FinewebDataConfig.hf_path
+DEFAULT_NAME = FinewebDataConfig.hf_name
+DEFAULT_SHARD_SIZE = FinewebDataConfig.shard_size
 MANIFEST = "manifest.json"
 _BATCH_DOCS = 1024  # documents read from the stream per batch handed to the workers
 _CHUNKSIZE = 16  # documents per worker task, as in build-nanogpt

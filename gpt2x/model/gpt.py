@@ -1,46 +1,16 @@
 """GPT-2 as in nanoGPT / build-nanogpt, with GPT-2's own module names so official weights load by copy and transpose."""
 
-import dataclasses
-import math
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from gpt2x.model.attention import get_attention
-from gpt2x.model.loss import linear_cross_entropy
-
-# transformers' GPT-2 stores these as Conv1D, i.e. (in, out); nn.Linear wants (out, in)
-_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
-@dataclass
-class GPTConfig:
-    """Architecture of a GPT-2 model."""
-
-    block_size: int = 1024  # max sequence length (number of learned position embeddings)
-    vocab_size: int = 50257  # rows of wte / lm_head; may be padded (e.g. 50304, a multiple of 64) for faster matmuls
-    n_layer: int = 12  # transformer blocks
-    n_head: int = 12  # attention heads per block
-    n_embd: int = 768  # residual stream width
-    attention: str = "sdpa"  # key of gpt2x.model.attention.ATTENTION_KERNELS
-    real_vocab_size: int = 50257  # tokens >= this are padding rows: never targets, never predicted
-    fused_ce: bool = False  # training loss by gpt2x.model.loss.linear_cross_entropy: the (B, T, V) logits never exist
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
-        if self.real_vocab_size > self.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's vocabulary "
-                f"({self.real_vocab_size}); set vocab_size >= {self.real_vocab_size} (e.g. 50304)"
-            )
-        get_attention(self.attention)  # fail at config time on an unknown kernel name
+from gpt2x.config import ModelConfig
+from gpt2x.data.tokenizer import N_VOCAB
+from gpt2x.model.attention import ATTENTION_KERNELS
+from gpt2x.model.loss import LOSSES
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig, attention: str):
         super().__init__()
         # key, query, value projections for all heads, in one matmul
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
@@ -48,7 +18,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.NANOGPT_SCALE_INIT = 1  # output of a residual branch: see GPT._init_weights
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.attn_fn = get_attention(config.attention)
+        self.attn_fn = ATTENTION_KERNELS[attention]
 
     def forward(self, x):
         B, T, C = x.size()  # batch, sequence length, n_embd
@@ -74,10 +44,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig, attention: str):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, attention)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -89,14 +59,23 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    """GPT-2. `config` is the model group's schema; `attention` and `loss` pick kernels (conf/attention, conf/loss).
+
+    Rows of wte/lm_head from `real_vocab_size` on (model.vocab_size=50304 pads GPT-2's 50257) are padding: never a
+    target, never predicted. The settings are checked once, by gpt2x.validate, before a model is built.
+    """
+
+    def __init__(self, config: ModelConfig, attention: str = "sdpa", loss: str = "plain", real_vocab_size=N_VOCAB):
         super().__init__()
         self.config = config
+        self.attention, self.loss_name = attention, loss
+        self.real_vocab_size = min(real_vocab_size, config.vocab_size)
+        self.loss_fn = LOSSES[loss]
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                h=nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
@@ -131,154 +110,24 @@ class GPT(nn.Module):
 
         Logits of padding tokens (>= real_vocab_size) are -inf, so they take no probability mass in the loss or in
         sampling. loss is the mean cross entropy against targets (B, T); targets equal to -100 are ignored. With
-        return_logits=False (the training loop, which needs only the loss) or config.fused_ce and targets, logits is
+        return_logits=False (the training loop, which needs only the loss) or the fused loss and targets, logits is
         None: a compiled model then never writes the (B, T, vocab_size) logits out (~20% of a small model's step).
         """
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(
-                f"sequence length {T} exceeds model.block_size={self.config.block_size}; "
-                f"set data.seq_len <= model.block_size"
-            )
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         for block in self.transformer.h:
             x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None and self.config.fused_ce:
-            # output layer and loss fused, a chunk of tokens at a time; no logits are returned (gpt2x/loss.py)
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, self.config.real_vocab_size)
+        if targets is None:
+            return self.logits(x), None
+        return self.loss_fn(self, x, targets, return_logits)
+
+    def logits(self, x):
+        """The output layer: (B, T, C) hidden states -> (B, T, vocab_size) logits, padding columns at -inf."""
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        if self.config.vocab_size > self.config.real_vocab_size:
+        if self.config.vocab_size > self.real_vocab_size:
             # in place on the few padding columns only: far cheaper than a (B, T, V) bias add, and autograd allows it
             # because the matmul's backward does not need its output
-            logits[..., self.config.real_vocab_size :] = float("-inf")
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        return (logits if return_logits else None), loss
-
-    @classmethod
-    def from_pretrained(cls, name_or_dir, **overrides):
-        """Load GPT-2 weights from a Hugging Face hub name ("gpt2", "gpt2-medium", ...) or a save_pretrained directory.
-
-        `overrides` change GPTConfig fields that do not alter the checkpoint's weights: attention, vocab_size (padding
-        rows are added, zero-initialized and masked out of the logits), block_size (<= the checkpoint's, position
-        embeddings are cropped). Architecture fields (n_layer, n_head, n_embd, real_vocab_size) may be passed only if
-        they equal the checkpoint's.
-        """
-        from transformers import AutoConfig, GPT2LMHeadModel
-
-        try:
-            hf_config = AutoConfig.from_pretrained(name_or_dir)
-        except (OSError, ValueError) as e:
-            raise ValueError(
-                f"model.init_from={name_or_dir} could not be loaded: {e}. Give a directory written by "
-                f"save_pretrained / export_hf, or a hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) that is already "
-                f"in the Hugging Face cache when HF_HUB_OFFLINE=1"
-            ) from e
-        _check_is_gpt2(name_or_dir, hf_config)
-
-        fields = {f.name for f in dataclasses.fields(GPTConfig)}
-        unknown = set(overrides) - fields
-        if unknown:
-            raise ValueError(f"unknown GPTConfig override(s) {sorted(unknown)}; valid: {sorted(fields)}")
-        ckpt = dict(
-            n_layer=hf_config.n_layer,
-            n_head=hf_config.n_head,
-            n_embd=hf_config.n_embd,
-            real_vocab_size=hf_config.vocab_size,
-        )
-        for key, value in ckpt.items():
-            if key in overrides and overrides[key] != value:
-                raise ValueError(
-                    f"model.{key}={overrides[key]} does not match the checkpoint {name_or_dir} ({key}={value}); "
-                    f"remove it or set it to {value}"
-                )
-        block_size = overrides.get("block_size", hf_config.n_positions)
-        if block_size > hf_config.n_positions:
-            raise ValueError(
-                f"model.block_size={block_size} exceeds the checkpoint's {hf_config.n_positions} position embeddings; "
-                f"set model.block_size <= {hf_config.n_positions}"
-            )
-        settings = dict(ckpt, block_size=hf_config.n_positions, vocab_size=hf_config.vocab_size)
-        settings.update(overrides)
-        config = GPTConfig(**settings)
-
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir, dtype=torch.float32)
-        sd_hf = {k: v for k, v in hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
-        model = cls(config)
-        sd = model.state_dict()
-        if set(sd_hf) != set(sd):
-            raise ValueError(
-                f"model.init_from={name_or_dir}: parameter names differ from GPT-2's "
-                f"(missing {sorted(set(sd) - set(sd_hf))[:5]}, unexpected {sorted(set(sd_hf) - set(sd))[:5]})"
-            )
-        with torch.no_grad():
-            for k, src in sd_hf.items():
-                if k.endswith(_CONV1D_WEIGHTS):
-                    src = src.t()
-                dst = sd[k]
-                if k in ("transformer.wte.weight", "lm_head.weight"):
-                    dst[: src.size(0)].copy_(src)
-                    dst[src.size(0) :].zero_()  # padding rows: masked out of the logits, never looked up
-                elif k == "transformer.wpe.weight":
-                    dst.copy_(src[: config.block_size])
-                else:
-                    dst.copy_(src)
-        return model
-
-    def export_hf(self, out_dir):
-        """Write a transformers GPT2LMHeadModel directory (config.json + safetensors) holding this model's weights,
-        with padding rows dropped so vocab_size is the real one. Load it back with GPT2LMHeadModel.from_pretrained."""
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        c = self.config
-        hf_config = GPT2Config(
-            vocab_size=c.real_vocab_size,
-            n_positions=c.block_size,
-            n_embd=c.n_embd,
-            n_layer=c.n_layer,
-            n_head=c.n_head,
-            activation_function="gelu_new",
-            # this model trains without dropout; say so rather than inherit GPT-2's 0.1
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=True,
-        )
-        hf = GPT2LMHeadModel(hf_config)
-        sd_hf = hf.state_dict()
-        sd = self.state_dict()
-        with torch.no_grad():
-            for k, dst in sd_hf.items():
-                if k.endswith((".attn.bias", ".attn.masked_bias")):
-                    continue
-                src = sd[k].detach().to(device="cpu", dtype=dst.dtype)
-                if k.endswith(_CONV1D_WEIGHTS):
-                    src = src.t()
-                if k in ("transformer.wte.weight", "lm_head.weight"):
-                    src = src[: c.real_vocab_size]
-                dst.copy_(src)
-        hf.save_pretrained(out_dir)
-        return out_dir
-
-
-def _check_is_gpt2(name_or_dir, hf_config):
-    """Raise ValueError unless the transformers config describes an architecture this GPT reproduces exactly."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type != "gpt2":
-        raise ValueError(f"model.init_from={name_or_dir} is a {model_type!r} checkpoint, not GPT-2 (model_type 'gpt2')")
-    n_inner = getattr(hf_config, "n_inner", None)
-    mismatches = {
-        "activation_function": (hf_config.activation_function in ("gelu_new", "gelu_pytorch_tanh"), "gelu_new"),
-        "n_inner": (n_inner in (None, 4 * hf_config.n_embd), "None (4 * n_embd)"),
-        "layer_norm_epsilon": (math.isclose(hf_config.layer_norm_epsilon, 1e-5), "1e-5"),
-        "scale_attn_weights": (hf_config.scale_attn_weights, "True"),
-        "scale_attn_by_inverse_layer_idx": (not hf_config.scale_attn_by_inverse_layer_idx, "False"),
-        "add_cross_attention": (not getattr(hf_config, "add_cross_attention", False), "False"),
-        "tie_word_embeddings": (getattr(hf_config, "tie_word_embeddings", True), "True"),
-    }
-    bad = [f"{k}={getattr(hf_config, k, None)} (need {need})" for k, (ok, need) in mismatches.items() if not ok]
-    if bad:
-        raise ValueError(f"model.init_from={name_or_dir} is a GPT-2 variant this model does not implement: {bad}")
+            logits[..., self.real_vocab_size :] = float("-inf")
+        return logits

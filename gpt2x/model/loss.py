@@ -10,6 +10,7 @@ exists. Same arithmetic as `F.cross_entropy(x @ W.T, y)` (the softmax in fp32), 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # targets equal to this are skipped, as in F.cross_entropy
 
@@ -64,3 +65,19 @@ def linear_cross_entropy(x, weight, targets, n_valid: int | None = None, chunk_s
     x2 = x.reshape(-1, x.size(-1))
     n_valid = weight.size(0) if n_valid is None else n_valid
     return LinearCrossEntropy.apply(x2, weight, targets.reshape(-1), n_valid, chunk_size)
+
+
+def plain_loss(model, x, targets, return_logits: bool):
+    """The lecture's loss: logits from the output layer, then cross-entropy over them."""
+    logits = model.logits(x)  # (B, T, vocab_size)
+    loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+    return (logits if return_logits else None), loss
+
+
+def fused_loss(model, x, targets, return_logits: bool):
+    """Output layer and loss fused, a chunk of tokens at a time: no logits exist, so none are returned."""
+    return None, linear_cross_entropy(x, model.lm_head.weight, targets, model.real_vocab_size)
+
+
+# loss.name -> function(model, hidden states, targets, return_logits) -> (logits or None, loss)
+LOSSES = {"plain": plain_loss, "fused": fused_loss}

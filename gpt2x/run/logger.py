@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2x.run.record import REPO_DIR, git_info
+from gpt2x.run.record import REPO_DIR, git_info, hydra_run_info, job_type, jsonable, run_group, run_name, write_json
 
 log = logging.getLogger("gpt2x")
 
@@ -43,9 +43,6 @@ WANDB_KEYS = {
     "hellaswag": "eval/hellaswag",
 }
 
-# Task overrides that say where things are, not what was run: left out of the W&B run name.
-_NOISY_OVERRIDE_KEYS = ("logger", "hydra", "resume")
-_NOISY_OVERRIDE_WORDS = ("path", "dir", "url", "sha256")
 
 
 def wandb_key(name: str) -> str:
@@ -125,7 +122,7 @@ class RunLogger:
             return
         self._finished = True
         summary = jsonable(summary or {})
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_json(self.run_dir / "summary.json", summary)
         if self.wandb_run is not None:
             self._wandb("summary", lambda: self.wandb_run.summary.update(summary))
         if self.wandb_run is not None:
@@ -195,20 +192,6 @@ def format_metrics(step: int, m: dict[str, Any]) -> str:
     """
     parts = [f"step {step:5d}"] + [fmt(m[key]) for key, fmt in CONSOLE_FIELDS.items() if key in m]
     return " | ".join(parts)
-
-
-def log_sweep_report(cfg: DictConfig, sweep_dir: Path, paths: Iterable[Path]) -> None:
-    """With logger=wandb, log a sweep's report files (table, plot) to a W&B run in the sweep's own group."""
-    if OmegaConf.select(cfg, "logger.name", default="none") != "wandb":
-        return
-    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own keys resolve only in a job
-    group = run_group({"multirun": True, "sweep_dir": str(sweep_dir), "cwd": os.getcwd()})
-    report_dir = Path(sweep_dir) / "report"
-    run = _start_wandb(cfg, report_dir, name=f"report {Path(sweep_dir).name}", group=group, job_type="sweep-report")
-    if run is not None:
-        logger = RunLogger(report_dir, run)
-        logger.log_files(list(paths))
-        logger.finish({"sweep_dir": str(sweep_dir)})
 
 
 def drop_rows_from(path: Path, start_step: int) -> None:
@@ -286,76 +269,6 @@ def resolve_mode(mode: str) -> str:
     return "online" if wandb_has_credentials() else "offline"
 
 
-HYDRA_INFO_ENV = "GPT2X_HYDRA_INFO"
-
-
-def hydra_run_info() -> dict[str, Any]:
-    """Task overrides, multirun flag, sweep dir and job number of the current Hydra job.
-
-    Read from HydraConfig inside the Hydra app; in worker processes spawned by `parallel.launch` (where Hydra
-    is not set up) from the environment `export_hydra_info` left; {} otherwise (tests, notebooks).
-    """
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-    except Exception:  # noqa: BLE001 - HydraConfig raises ValueError when not set
-        env = os.environ.get(HYDRA_INFO_ENV)
-        return json.loads(env) if env else {}
-    multirun = hc.mode == RunMode.MULTIRUN
-    return {
-        "overrides": list(hc.overrides.task),
-        "multirun": multirun,
-        "sweep_dir": str(hc.sweep.dir) if multirun else None,
-        "job_num": hc.job.get("num") if multirun else None,
-        "cwd": hc.runtime.cwd,
-    }
-
-
-def export_hydra_info() -> None:
-    """Hand this Hydra job's info (see `hydra_run_info`) to worker processes it spawns, via the environment.
-
-    Call in the Hydra main before starting workers, so that their W&B run name/group and record.json match.
-    """
-    info = hydra_run_info()
-    if info:
-        os.environ[HYDRA_INFO_ENV] = json.dumps(info)
-    else:
-        os.environ.pop(HYDRA_INFO_ENV, None)
-
-
-def run_name(overrides: list[str]) -> str:
-    """W&B run name from the task overrides, minus where-things-are ones: `precision=bf16,attention=flash`."""
-    kept = []
-    for o in overrides:
-        key = o.split("=", 1)[0].lstrip("+~")
-        if key.split(".")[0] in _NOISY_OVERRIDE_KEYS or any(w in key for w in _NOISY_OVERRIDE_WORDS):
-            continue
-        kept.append(o.lstrip("+"))
-    return ",".join(kept) or "default"
-
-
-def run_group(info: dict[str, Any]) -> str | None:
-    """W&B group: the multirun's sweep dir (shared by all its jobs), relative to the launch dir; None otherwise."""
-    if not info.get("multirun") or not info.get("sweep_dir"):
-        return None
-    sweep = Path(info["sweep_dir"])
-    try:
-        sweep = sweep.resolve().relative_to(Path(info["cwd"]).resolve())
-    except (ValueError, TypeError, KeyError):
-        pass
-    return str(sweep)[-128:]  # W&B limits group names to 128 characters; the end is the distinctive part
-
-
-def job_type(cfg: DictConfig) -> str:
-    """W&B job_type: the experiment's name when one is set, else "train"."""
-    exp = OmegaConf.select(cfg, "experiment", default=None)
-    if isinstance(exp, DictConfig):
-        exp = exp.get("name")
-    return str(exp) if exp else "train"
-
-
 def _start_wandb(cfg: DictConfig, run_dir: Path, **identity: Any) -> Any:
     """Start the W&B run, or return None (with one warning) when it cannot start.
 
@@ -417,21 +330,3 @@ def _start_wandb(cfg: DictConfig, run_dir: Path, **identity: Any) -> Any:
                 shutil.rmtree(stale, ignore_errors=True)
     log.warning("W&B could not start (%s); continuing with local logging only", "; ".join(errors))
     return None
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types for dumps: tensors/numpy scalars via .item(), paths as str, NaN/inf kept as floats."""
-    if OmegaConf.is_config(obj):
-        return OmegaConf.to_container(obj, resolve=True)
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if hasattr(obj, "item"):
-        try:
-            return obj.item()
-        except (ValueError, RuntimeError):
-            pass
-    return str(obj)

@@ -216,12 +216,40 @@ def peak_memory_bytes(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+def percentile(values: list[float], q: int) -> float:
+    """Linear-interpolated percentile (q in 1..99) of a non-empty list (statistics' inclusive method)."""
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+class StepTimer:
+    """Times each optimizer step, device-synced; the first `warmup_steps` (allocator warm-up, compilation) are kept
+    apart from the timed ones. MFU is against the whole job's peak: `peak_flops` (one device) x `world_size`."""
+
+    def __init__(self, device, warmup_steps: int, tokens_per_step: int, flops_per_tok: int, peak: float, world: int):
+        self.device, self.warmup_steps = device, warmup_steps
+        self.tokens_per_step, self.flops_per_tok, self.job_peak = tokens_per_step, flops_per_tok, peak * world
+        self.step_ms: list[float] = []
+        self.warmup_ms: list[float] = []
+        self.t0 = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def stop(self) -> dict:
+        """End the step; its ms_per_batch, tokens_per_sec and mfu."""
+        synchronize(self.device)
+        ms = (time.perf_counter() - self.t0) * 1000
+        (self.warmup_ms if len(self.warmup_ms) < self.warmup_steps else self.step_ms).append(ms)
+        tokens_per_sec = self.tokens_per_step / (ms / 1000)
+        return {"ms_per_batch": ms, "tokens_per_sec": tokens_per_sec, "mfu": mfu(self.flops_per_tok, tokens_per_sec,
+                                                                                   self.job_peak)}  # fmt: skip
+
+    def summary(self) -> dict:
+        """Median / p10 / p90 ms per step, tokens/s and MFU over the timed steps (see `timing_summary`)."""
+        return timing_summary(self.step_ms, self.tokens_per_step, self.flops_per_tok, self.job_peak, self.warmup_ms)
 
 
 def timing_summary(

@@ -11,6 +11,7 @@ import datetime
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import socket
@@ -87,8 +88,6 @@ def device_info(device: str | None = None) -> dict[str, Any]:
 
 def build_run_record(cfg: DictConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run record as a dict (see module docstring); `extra` keys are merged in last."""
-    from gpt2x.run.logger import hydra_run_info, jsonable
-
     hydra = hydra_run_info()
     record: dict[str, Any] = {
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -108,9 +107,149 @@ def build_run_record(cfg: DictConfig, extra: dict[str, Any] | None = None) -> di
     return jsonable(record)
 
 
-def write_run_record(cfg: DictConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `run_dir/record.json` (see `build_run_record`) and return its path."""
-    path = Path(run_dir) / "record.json"
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write strict JSON (NaN/inf as null) atomically: a temp file beside `path`, then a rename."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(build_run_record(cfg, extra), indent=2) + "\n", encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(jsonable(data), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
     return path
+
+
+def write_run_record(cfg: DictConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write `run_dir/record.json` (see `build_run_record`) and return its path.
+
+    A resumed run keeps the records of its earlier starts under `previous` (oldest first), so a run's record shows
+    every config it ran under.
+    """
+    path = Path(run_dir) / "record.json"
+    record = build_run_record(cfg, extra)
+    if path.exists() and (extra or {}).get("resumed"):
+        try:
+            old = json.loads(path.read_text(encoding="utf-8"))
+            record["previous"] = old.pop("previous", []) + [old]
+        except (OSError, ValueError):
+            pass
+    return write_json(path, record)
+
+
+# record.json facts that a run's summary is read together with (report rows, `train()`'s return value)
+SUMMARY_FACTS = (
+    "world_size", "grad_accum_steps", "tokens_per_step", "params", "flops_per_token", "peak_flops",
+    "peak_flops_source", "device_name", "rung", "experiment", "config_choices",
+)  # fmt: skip
+
+
+def run_summary(record: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """A run's results (summary.json) with the record's facts beside them: what one reads to compare runs."""
+    facts = {k: record.get(k) for k in SUMMARY_FACTS}
+    facts["config"] = facts.pop("config_choices")
+    facts["torch_version"] = (record.get("versions") or {}).get("torch")
+    facts["git_commit"] = (record.get("git") or {}).get("commit")
+    facts["device"] = record.get("torch_device")
+    return facts | results
+
+
+def read_run_summary(run_dir: str | Path) -> dict[str, Any] | None:
+    """`run_summary` of a finished run dir, or None where it has no summary.json (failed or still running)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "summary.json").exists():
+        return None
+    results = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    record_path = run_dir / "record.json"
+    record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.exists() else {}
+    return run_summary(record, results)
+
+
+# Task overrides that say where things are, not what was run: left out of the W&B run name.
+_NOISY_OVERRIDE_KEYS = ("logger", "hydra", "resume")
+_NOISY_OVERRIDE_WORDS = ("path", "dir", "url", "sha256")
+
+
+HYDRA_INFO_ENV = "GPT2X_HYDRA_INFO"
+
+
+def hydra_run_info() -> dict[str, Any]:
+    """Task overrides, multirun flag, sweep dir and job number of the current Hydra job.
+
+    Read from HydraConfig inside the Hydra app; in worker processes spawned by `parallel.launch` (where Hydra
+    is not set up) from the environment `export_hydra_info` left; {} otherwise (tests, notebooks).
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except Exception:  # noqa: BLE001 - HydraConfig raises ValueError when not set
+        env = os.environ.get(HYDRA_INFO_ENV)
+        return json.loads(env) if env else {}
+    multirun = hc.mode == RunMode.MULTIRUN
+    return {
+        "overrides": list(hc.overrides.task),
+        "multirun": multirun,
+        "sweep_dir": str(hc.sweep.dir) if multirun else None,
+        "job_num": hc.job.get("num") if multirun else None,
+        "cwd": hc.runtime.cwd,
+    }
+
+
+def export_hydra_info() -> None:
+    """Hand this Hydra job's info (see `hydra_run_info`) to worker processes it spawns, via the environment.
+
+    Call in the Hydra main before starting workers, so that their W&B run name/group and record.json match.
+    """
+    info = hydra_run_info()
+    if info:
+        os.environ[HYDRA_INFO_ENV] = json.dumps(info)
+    else:
+        os.environ.pop(HYDRA_INFO_ENV, None)
+
+
+def run_name(overrides: list[str]) -> str:
+    """W&B run name from the task overrides, minus where-things-are ones: `precision=bf16,attention=flash`."""
+    kept = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0] in _NOISY_OVERRIDE_KEYS or any(w in key for w in _NOISY_OVERRIDE_WORDS):
+            continue
+        kept.append(o.lstrip("+"))
+    return ",".join(kept) or "default"
+
+
+def run_group(info: dict[str, Any]) -> str | None:
+    """W&B group: the multirun's sweep dir (shared by all its jobs), relative to the launch dir; None otherwise."""
+    if not info.get("multirun") or not info.get("sweep_dir"):
+        return None
+    sweep = Path(info["sweep_dir"])
+    try:
+        sweep = sweep.resolve().relative_to(Path(info["cwd"]).resolve())
+    except (ValueError, TypeError, KeyError):
+        pass
+    return str(sweep)[-128:]  # W&B limits group names to 128 characters; the end is the distinctive part
+
+
+def job_type(cfg: DictConfig) -> str:
+    """W&B job_type: the experiment's name when one is set, else "train"."""
+    exp = OmegaConf.select(cfg, "experiment", default=None)
+    return str(exp) if exp else "train"
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types for dumps: tensors/numpy scalars via .item(), paths as str, NaN/inf as None (strict JSON)."""
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if hasattr(obj, "item"):
+        try:
+            return jsonable(obj.item())
+        except (ValueError, RuntimeError):
+            pass
+    return str(obj)

@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
 import logging
 import math
+import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from gpt2x.run.logger import RunLogger, _start_wandb
+from gpt2x.run.record import read_run_summary, run_group
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +76,7 @@ def _job_num(job_dir: Path) -> int:
 def read_job(job_dir: Path) -> dict[str, Any]:
     """One job's overrides, summary (None if it has none: failed or still running) and error text."""
     overrides = [str(o) for o in OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")]
-    summary_path = job_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    summary = read_run_summary(job_dir)
     error_path = job_dir / "error.txt"
     error = error_path.read_text().strip().splitlines()[0] if error_path.exists() else None
     return {"job": _job_num(job_dir), "dir": job_dir, "overrides": overrides, "summary": summary, "error": error}
@@ -287,8 +290,6 @@ class SweepReport(Callback):
             log.warning("sweep report not written: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from gpt2x.run.logger import log_sweep_report
-
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute()
         try:
             paths = write_report(sweep_dir, echo=True)
@@ -314,3 +315,17 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def log_sweep_report(cfg: DictConfig, sweep_dir: Path, paths: Iterable[Path]) -> None:
+    """With logger=wandb, log a sweep's report files (table, plot) to a W&B run in the sweep's own group."""
+    if OmegaConf.select(cfg, "logger.name", default="none") != "wandb":
+        return
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # hydra's own keys resolve only in a job
+    group = run_group({"multirun": True, "sweep_dir": str(sweep_dir), "cwd": os.getcwd()})
+    report_dir = Path(sweep_dir) / "report"
+    run = _start_wandb(cfg, report_dir, name=f"report {Path(sweep_dir).name}", group=group, job_type="sweep-report")
+    if run is not None:
+        logger = RunLogger(report_dir, run)
+        logger.log_files(list(paths))
+        logger.finish({"sweep_dir": str(sweep_dir)})

@@ -20,7 +20,7 @@ def check_compile(cfg: CompileConfig, device: torch.device | None = None) -> Non
     Inductor writes C++/OpenMP kernels on CPU (it needs a C++ compiler) and Triton kernels on CUDA (it needs triton);
     without them the first step would fail minutes into a run, after data preparation and model build.
     """
-    if not cfg.enabled:
+    if cfg.name == "none":
         return
     if cfg.mode not in COMPILE_MODES:
         raise ValueError(f"compile.mode={cfg.mode!r} is not a torch.compile mode; valid: {', '.join(COMPILE_MODES)}")
@@ -43,15 +43,7 @@ def check_compile(cfg: CompileConfig, device: torch.device | None = None) -> Non
             )
 
 
-def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
-    """Return the model compiled as configured (or unchanged). The caller keeps the eager module for sampling.
-
-    Sampling runs the eager module on purpose: generation grows the sequence one token at a time, and every new length
-    would be a recompile. Training and validation share the compiled module (eval mode is one extra graph).
-    """
-    check_compile(cfg)
-    if not cfg.enabled:
-        return model
+def _prepare_compile(cfg: CompileConfig) -> None:
     # A cache of our own: a warm cache turns 20-30 s of CPU compile time into a few seconds on the next run.
     cache = Path(cfg.cache_dir).expanduser()
     cache.mkdir(parents=True, exist_ok=True)
@@ -60,4 +52,27 @@ def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
     # not per model: without a reset, after a few compiled runs (train + eval graph each) dynamo reaches
     # torch._dynamo.config.recompile_limit, falls back to eager with only a warning, and the run times the wrong thing.
     torch._dynamo.reset()
+
+
+def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
+    """Return the whole model compiled as configured (or unchanged for compile=none).
+
+    The caller keeps the eager module for sampling: generation grows the sequence one token at a time, and every new
+    length would be a recompile. Training and validation share the compiled module (eval mode is one extra graph).
+    """
+    if cfg.name == "none":
+        return model
+    _prepare_compile(cfg)
     return torch.compile(model, mode=cfg.mode, fullgraph=cfg.fullgraph)
+
+
+def compile_blocks(blocks: nn.ModuleList, cfg: CompileConfig) -> None:
+    """Compile each transformer block in place (torchtitan's per-block compile, the form FSDP2 needs).
+
+    All blocks have the same code and shapes, so dynamo compiles one graph and reuses it for every block.
+    """
+    if cfg.name == "none":
+        return
+    _prepare_compile(cfg)
+    for block in blocks:
+        block.compile(mode=cfg.mode, fullgraph=cfg.fullgraph)

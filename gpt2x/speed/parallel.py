@@ -1,39 +1,30 @@
-"""Data parallelism: starting the worker processes, joining the process group, and wrapping a built model.
+"""Data parallelism once the processes run (gpt2x/launch.py starts them): the process group, and the transforms that
+make a built model train on several ranks.
 
-Three ways to get several processes, one code path once they run (`train(cfg, run_dir)` in each):
-
-- `gpt2x-train parallel=ddp parallel.nproc_per_node=N`: `launch` starts N local workers with torch.distributed's
-  elastic launcher (the API behind torchrun), so a Hydra multirun can hold a DDP rung like any other.
-- `torchrun --nnodes=... --nproc_per_node=... -m gpt2x.train parallel=ddp ...`: torchrun already set RANK/WORLD_SIZE;
-  `launch` runs the job in this process.
-- `gpt2x-train -m hydra/launcher=slurm hydra.launcher.nodes=... hydra.launcher.tasks_per_node=...`: each SLURM task
-  is one rank; `launch` turns submitit's job environment into RANK/WORLD_SIZE/MASTER_ADDR and runs the job here.
-
-The model transforms follow torchtitan: `apply_ddp` wraps the whole model; `apply_fsdp` shards each transformer block
-and then the root with FSDP2's `fully_shard`, casting to the precision group's dtype for compute.
+`parallelize` applies torch.compile and DDP/FSDP in the order PyTorch documents for each layout (torchtitan's):
+`apply_ddp` wraps the whole compiled model; `apply_fsdp` compiles each transformer block, then shards each block and
+the root with FSDP2's `fully_shard`, casting to the precision group's dtype for compute.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import logging.config
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2x.config import ParallelConfig, PrecisionConfig
+from gpt2x.speed.compile import apply_compile, compile_blocks
 
 log = logging.getLogger("gpt2x")
 
@@ -153,47 +144,55 @@ def _eager(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
-def apply_single(model: nn.Module, cfg: ParallelConfig, info: DistInfo, device: torch.device, param_dtype=None):
-    """One process: nothing to wrap."""
-    return model
+def apply_single(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
+    """One process: the whole model compiled (or eager)."""
+    return apply_compile(model, cfg.compile)
 
 
-def apply_ddp(model: nn.Module, cfg: ParallelConfig, info: DistInfo, device: torch.device, param_dtype=None):
-    """Wrap in DDP: gradients are all-reduced in buckets, overlapping with the backward pass; every rank holds all
-    weights and optimizer state. Compute precision stays with autocast (the precision group)."""
+def apply_ddp(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
+    """Compile the whole model, then wrap it in DDP: gradients are all-reduced in buckets, overlapping with the
+    backward pass; every rank holds all weights and optimizer state. Compute precision stays with autocast.
+
+    Dynamo sees the active DDP module when it converts the frame and splits the graph at DDP's bucket boundaries
+    (its DDPOptimizer; `TORCH_LOGS=ddp_graphs` shows the pieces), so each bucket's all-reduce starts while the
+    backward of the pieces before it still runs.
+    """
     device_ids = [device.index] if device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids)
+    return DDP(apply_compile(model, cfg.compile), device_ids=device_ids)
 
 
-def apply_fsdp(model: nn.Module, cfg: ParallelConfig, info: DistInfo, device: torch.device, param_dtype=None):
+def apply_fsdp(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
     """Shard weights, gradients and optimizer state over the ranks with FSDP2, one unit per block then the root.
 
     Each block's parameters are all-gathered just before it runs and freed after (ZeRO-3), so memory holds one
     block's full weights at a time; the root unit holds the rest (embeddings, tied lm_head, final norm).
     Parameters are cast to `param_dtype` (the precision group's autocast dtype; None keeps fp32) when gathered, and
     gradients are reduce-scattered in fp32 so the sum over ranks loses no precision.
+
+    A whole-model compile made before `fully_shard` graph-breaks inside FSDP's hooks and runs mostly eager, so the
+    blocks are compiled one by one first (torchtitan's order); the embeddings, final norm and loss stay eager.
     """
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    eager = _eager(model)
-    blocks = list(eager.transformer.h)
+    blocks = model.transformer.h
+    compile_blocks(blocks, cfg.compile)
     for i, block in enumerate(blocks):
         # The last block's weights are needed again at once by the backward pass: keep them gathered (torchtitan).
-        reshard = cfg.reshard_after_forward and i < len(blocks) - 1
+        reshard = cfg.parallel.reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mp_policy=mp_policy, reshard_after_forward=reshard)
-    fully_shard(eager, mp_policy=mp_policy, reshard_after_forward=cfg.reshard_after_forward)
-    return model  # fully_shard changes the module in place; a compile wrapper around it stays valid
+    fully_shard(model, mp_policy=mp_policy, reshard_after_forward=cfg.parallel.reshard_after_forward)
+    return model  # fully_shard changes the module in place
 
 
 PARALLEL_STRATEGIES = {"single": apply_single, "ddp": apply_ddp, "fsdp": apply_fsdp}
 
 
-def apply_parallel(
-    model: nn.Module, cfg: ParallelConfig, info: DistInfo, device: torch.device, param_dtype: torch.dtype | None = None
-) -> nn.Module:
-    """Wrap (or shard) the model for the configured strategy; `param_dtype` is FSDP's compute dtype."""
-    if cfg.name not in PARALLEL_STRATEGIES:
-        raise ValueError(f"parallel={cfg.name!r} is unknown; valid: {', '.join(PARALLEL_STRATEGIES)}")
-    return PARALLEL_STRATEGIES[cfg.name](model, cfg, info, device, param_dtype)
+def parallelize(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
+    """The model to train: compiled (compile group) and wrapped or sharded (parallel group), in the documented order.
+
+    `param_dtype` is FSDP's compute dtype (the precision group's autocast dtype). Keep `model` itself for sampling,
+    evaluation of variable-length inputs and checkpoints.
+    """
+    return PARALLEL_STRATEGIES[cfg.parallel.name](model, cfg, device, param_dtype)
 
 
 def is_fsdp(model: nn.Module) -> bool:
@@ -226,150 +225,3 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
         total_norm = total_norm.full_tensor()
     torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm)
     return total_norm
-
-
-def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Model and optimizer state as whole (unsharded) tensors, for a checkpoint that rank 0 writes.
-
-    Under FSDP this gathers the shards (a collective: every rank must call it) onto rank 0's CPU; other ranks get
-    empty dicts. The optimizer state is then keyed by parameter name (torch.distributed.checkpoint's format), which
-    `load_full_state_dicts` reads back under any number of FSDP ranks.
-    """
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        eager = _eager(model)
-        return get_model_state_dict(eager, options=options), get_optimizer_state_dict(eager, optimizer, options=options)
-    return _eager(model).state_dict(), optimizer.state_dict()
-
-
-def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Load state written by `full_state_dicts` (each rank passes the whole dicts; FSDP keeps its own shards)."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        options = StateDictOptions(full_state_dict=True)
-        eager = _eager(model)
-        set_model_state_dict(eager, model_sd, options=options)
-        set_optimizer_state_dict(eager, optimizer, optim_sd, options=options)
-        return
-    _eager(model).load_state_dict(model_sd)
-    optimizer.load_state_dict(optim_sd)
-
-
-# -- launching -------------------------------------------------------------------------------------------------------
-
-
-class WorkerFailedError(RuntimeError):
-    """A worker process of a multi-process run failed; the message holds the failing rank's error."""
-
-
-def launch(fn, cfg: DictConfig, run_dir: Path):
-    """Run `fn(cfg, run_dir)` as this job needs: here, or in parallel.nproc_per_node workers; returns rank 0's result.
-
-    Here when parallel=single or when an outside launcher made this process one rank (torchrun, or a SLURM task of
-    hydra/launcher=slurm); otherwise in workers started by torch's elastic launcher on 127.0.0.1. A worker that fails
-    stops the others and raises WorkerFailedError with its rank, error and traceback.
-    """
-    _export_submitit_env()
-    n = cfg.parallel.nproc_per_node
-    if cfg.parallel.name not in PARALLEL_STRATEGIES:
-        raise ValueError(f"parallel={cfg.parallel.name!r} is unknown; valid: {', '.join(PARALLEL_STRATEGIES)}")
-    if n < 1:
-        raise ValueError(f"parallel.nproc_per_node={n} must be at least 1")
-    if cfg.parallel.name == "single" or "WORLD_SIZE" in os.environ:
-        return fn(cfg, run_dir)
-    if cfg.parallel.name == "fsdp" and n < 2:  # checked again in train(); here it fails before any worker starts
-        raise ValueError(FSDP_NEEDS_TWO)
-
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from gpt2x.run.logger import export_hydra_info
-
-    export_hydra_info()  # workers have no HydraConfig: W&B run name/group and record.json read it from the env
-    # Resolved here so every worker sees the same values (env lookups, ${hydra:...}) without Hydra set up.
-    cfg = copy.deepcopy(cfg)
-    OmegaConf.set_readonly(cfg, False)
-    OmegaConf.resolve(cfg)
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=n,
-        run_id=f"gpt2x-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",  # port 0: the OS picks a free one, so sweeps and parallel jobs never collide
-        local_addr="127.0.0.1",
-        max_restarts=0,  # a failed worker fails the run; restarting from scratch would hide the error
-        start_method="spawn",  # fork would copy this process's threads and Hydra state into the workers
-    )
-    log.info("parallel=%s: starting %d worker processes", cfg.parallel.name, n)
-    try:
-        results = elastic_launch(config, _worker)(fn, cfg, run_dir, _job_logging_config())
-    except ChildFailedError as e:
-        raise WorkerFailedError(describe_failure(e, cfg.parallel.name, n)) from None
-    return results[0]
-
-
-def describe_failure(error, strategy: str, nproc: int) -> str:
-    """The first failed worker's rank, exit code, error and traceback, from elastic's ChildFailedError."""
-    rank, failure = error.get_first_failure()
-    message = failure.message
-    if isinstance(message, dict):  # the worker raised: error file with message and python traceback
-        text = message.get("message", "")
-        trace = message.get("extraInfo", {}).get("py_callstack", "")
-    else:  # killed by a signal (e.g. the OOM killer), or died before it could record its error
-        text, trace = str(message), ""
-        if "Signal" not in text:
-            text = "it exited before recording a Python error (e.g. while starting up); its output above says why"
-    lines = [f"parallel={strategy}: rank {rank} of {nproc} failed (exit code {failure.exitcode}): {text}"]
-    if trace:
-        lines += ["", f"rank {rank} traceback:", trace.rstrip()]
-    return "\n".join(lines)
-
-
-def _worker(fn, cfg: DictConfig, run_dir: Path, job_logging: dict | None):
-    """Entry point of one elastic worker: logging and CPU threads as for a torchrun rank, then the job."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0 and job_logging:
-        logging.config.dictConfig(job_logging)  # Hydra's console + run_dir/<job>.log, as in the parent process
-    else:
-        logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if "OMP_NUM_THREADS" not in os.environ:
-        # Workers on one node share its cores; each taking all of them oversubscribes the CPU (torchrun sets 1).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return fn(cfg, run_dir)
-
-
-def _job_logging_config() -> dict | None:
-    """Hydra's resolved job logging config (console + file in the run dir), or None outside a Hydra app."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return OmegaConf.to_container(HydraConfig.get().job_logging, resolve=True)
-    except ValueError:  # HydraConfig is not set: tests, notebooks
-        return None
-
-
-def _export_submitit_env() -> None:
-    """In a submitit job with several tasks (hydra/launcher=slurm), make each task one rank for env:// init.
-
-    Sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR (the job's first node) and MASTER_PORT (from
-    the job id) from SLURM's variables; CUDA_VISIBLE_DEVICES is left alone (a bare `cuda` device picks the GPU).
-    """
-    if "WORLD_SIZE" in os.environ or not os.environ.get("SUBMITIT_EXECUTOR"):
-        return
-    import submitit
-
-    if submitit.JobEnvironment().num_tasks > 1:
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

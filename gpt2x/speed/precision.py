@@ -51,11 +51,11 @@ def check_precision(cfg: PrecisionConfig, device: torch.device) -> None:
         )
     if cfg.matmul_precision not in MATMUL_PRECISIONS:
         raise ValueError(f"precision.matmul_precision={cfg.matmul_precision!r}; valid: {', '.join(MATMUL_PRECISIONS)}")
-    if cfg.autocast_dtype == "float16" and device.type == "cpu" and not cfg.force:
+    if cfg.autocast_dtype == "float16" and device.type == "cpu" and not cfg.allow_slow:
         raise ValueError(
             f"precision={cfg.name} (float16) on cpu: CPUs without float16 matmul units run float16 tens to hundreds "
             "of times slower than fp32 (25x on an AVX-512 EPYC, 400x elsewhere). Use precision=bf16 or "
-            "precision=fp32, or precision.force=true to run it anyway."
+            "precision=fp32, or precision.allow_slow=true to run it anyway."
         )
     if cfg.autocast_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(
@@ -69,12 +69,12 @@ def check_precision(cfg: PrecisionConfig, device: torch.device) -> None:
 
 
 def apply_precision(cfg: PrecisionConfig, device: torch.device) -> Precision:
-    """Set the process-wide matmul precision and return the autocast/scaler settings for the loop.
+    """Set the process-wide matmul precision and return the autocast/scaler settings for the loop (settings checked
+    by `check_precision` in gpt2x.validate).
 
     Where a setting does nothing on this device, the log says so once (TF32 on a CPU), so a ladder rung that cannot
     be faster here is not mistaken for a regression or a win.
     """
-    check_precision(cfg, device)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
     tf32 = cfg.matmul_precision != "highest"
     if device.type == "cuda":

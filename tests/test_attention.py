@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from gpt2x.config import ModelConfig
 from gpt2x.model.attention import ATTENTION_KERNELS, check_attention, get_attention
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.model.gpt import GPT
 
 # output/gradient tolerance per dtype: fp32 kernels differ only by summation order; bf16 rounds every intermediate
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -84,22 +85,22 @@ def test_check_attention_rejects_impossible_combinations_with_clear_messages():
         check_attention("sdpa", "cpu", "float99")
 
 
-def test_unknown_kernel_name_is_rejected_when_building_the_model():
+def test_unknown_kernel_name_is_rejected_naming_the_valid_ones():
     with pytest.raises(ValueError, match="valid choices: " + ", ".join(ATTENTION_KERNELS)):
-        GPTConfig(attention="flash3")
+        get_attention("flash3")
     assert get_attention("sdpa") is ATTENTION_KERNELS["sdpa"]
 
 
 def test_every_available_kernel_gives_the_same_model_loss():
-    config = dict(block_size=32, vocab_size=64, real_vocab_size=64, n_layer=2, n_head=2, n_embd=32)
+    config = dict(block_size=32, vocab_size=64, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    reference = GPT(GPTConfig(attention="manual", **config))
+    reference = GPT(ModelConfig(**config), attention="manual", real_vocab_size=64)
     idx = torch.randint(0, 64, (2, 19))
     _, want = reference(idx, idx)
     for name in ATTENTION_KERNELS:
         if _available(name, torch.float32):
             continue
-        model = GPT(GPTConfig(attention=name, **config))
+        model = GPT(ModelConfig(**config), attention=name, real_vocab_size=64)
         model.load_state_dict(reference.state_dict())
         _, got = model(idx, idx)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6, msg=lambda m, name=name: f"attention={name}: {m}")

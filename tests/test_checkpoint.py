@@ -1,5 +1,6 @@
 """Checkpoints: atomic under SIGKILL, keep-last-K, integrity-checked loads, weights_only round trips, RNG replay."""
 
+import logging
 import os
 import random
 import signal
@@ -13,7 +14,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.config import ModelConfig
+from gpt2x.model.gpt import GPT
 from gpt2x.run import checkpoint
 from gpt2x.run.checkpoint import CheckpointError
 
@@ -26,7 +28,7 @@ def small_state(step: int) -> dict:
 
 def tiny_model_and_optimizer(seed: int = 0):
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, real_vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(ModelConfig(block_size=8, vocab_size=64, n_layer=1, n_head=2, n_embd=16), real_vocab_size=64)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     return model, optimizer
 
@@ -115,7 +117,7 @@ def test_latest_is_the_highest_step_and_ignores_temp_and_foreign_files(tmp_path)
     assert checkpoint.load(checkpoint.latest(tmp_path))["step"] == 1_000_000
 
 
-def test_truncated_checkpoint_raises_checkpoint_error_naming_resume_and_latest_falls_back(tmp_path):
+def test_truncated_checkpoint_raises_checkpoint_error_naming_resume_and_latest_falls_back(tmp_path, caplog):
     good = checkpoint.save(tmp_path, 1, small_state(1), keep=5)
     data = good.read_bytes()
     bad = tmp_path / "step_000002.pt"
@@ -124,8 +126,10 @@ def test_truncated_checkpoint_raises_checkpoint_error_naming_resume_and_latest_f
     with pytest.raises(CheckpointError, match=r"step_000002\.pt is corrupt or truncated.*resume=") as info:
         checkpoint.load(bad)
     assert isinstance(info.value, RuntimeError)
-    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="gpt2x"):
         assert checkpoint.latest(tmp_path) == good
+    # the skip is in the run's log (console and train.log), naming the file and why
+    assert f"skipping checkpoint {bad}: it is incomplete" in caplog.text
     assert checkpoint.load(good)["step"] == 1
 
 

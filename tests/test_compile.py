@@ -13,7 +13,7 @@ import torch
 from conftest import compose, run_train
 
 from gpt2x.speed.compile import check_compile
-from gpt2x.train import validate
+from gpt2x.validate import validate
 
 RUN = ["peak_flops=1e12", "optim.max_steps=3", "eval_interval=2", "sample_interval=2"]
 

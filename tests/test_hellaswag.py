@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gpt2x.config import ModelConfig
 from gpt2x.data.tokenizer import gpt2_encoding
 from gpt2x.evals import hellaswag
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.model.gpt import GPT
 
 # HellaSwag's format (ind, activity_label, ctx_a, ctx_b, ctx, endings, label, split, split_type, source_id).
 CONTEXTS = [
@@ -99,7 +100,7 @@ def test_most_likely_row_uses_mean_ending_loss_not_sum():
 def learned_model():
     """A tiny GPT that has memorized each context followed by its right ending."""
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    model = GPT(ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
     rows = []
     for example in make_examples():
@@ -152,7 +153,7 @@ def _gloo_worker(rank: int, world_size: int, init_file: str, model_path: str, da
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:
-        model = GPT(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+        model = GPT(ModelConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
         model.load_state_dict(torch.load(model_path, weights_only=True))
         result = hellaswag.evaluate(model, data_path, "cpu", rank=rank, world_size=world_size)
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.config import ModelConfig
+from gpt2x.model.gpt import GPT
 from gpt2x.model.loss import linear_cross_entropy
 
 
@@ -36,8 +37,8 @@ def test_chunked_loss_and_gradients_equal_plain_cross_entropy(chunk_size):
 def test_model_with_fused_ce_trains_like_the_plain_model_and_returns_no_logits():
     config = dict(block_size=32, vocab_size=50304, n_layer=2, n_head=2, n_embd=32)
     torch.manual_seed(0)
-    plain = GPT(GPTConfig(**config))
-    fused = GPT(GPTConfig(**config, fused_ce=True))
+    plain = GPT(ModelConfig(**config))
+    fused = GPT(ModelConfig(**config), loss="fused")
     fused.load_state_dict(plain.state_dict())
     idx, targets = torch.randint(0, 50257, (2, 2, 16)).unbind(0)
     _, want = plain(idx, targets)
@@ -68,7 +69,7 @@ def test_fused_ce_under_bf16_autocast_stays_close_to_plain():
 def test_training_forward_can_skip_the_logits_and_gets_the_same_loss():
     # the training loop asks for the loss only, so a compiled graph need not write the (B, T, V) logits out
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    model = GPT(ModelConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
     idx, targets = torch.randint(0, 50257, (2, 2, 8)).unbind(0)
     logits, loss = model(idx, targets)
     no_logits, same = model(idx, targets, return_logits=False)

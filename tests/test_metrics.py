@@ -12,7 +12,7 @@ import torch
 from conftest import run_train
 
 from gpt2x.config import ModelConfig
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.model.gpt import GPT
 from gpt2x.run.metrics import (
     flops_per_token,
     gpu_peak_flops,
@@ -33,7 +33,7 @@ def test_flops_per_token_matches_a_hand_count_for_a_small_config():
     attention = 2 * 2 * 2 * 8 * 16 * 3  # layers x (QK^T, AV) x 2 FLOPs x d x T, x3 forward + backward
     assert flops_per_token(cfg, seq_len=16) == 6 * n + attention == 2_425_968
     # the same N the model itself counts (tied wte counted once, wpe left out)
-    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=8))
+    model = GPT(ModelConfig(block_size=16, vocab_size=50257, n_layer=2, n_head=2, n_embd=8))
     assert n == model.num_params(non_embedding=True)
 
 

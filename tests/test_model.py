@@ -4,7 +4,9 @@ import pytest
 import torch
 import transformers
 
-from gpt2x.model.gpt import GPT, GPTConfig
+from gpt2x.config import ModelConfig
+from gpt2x.model.gpt import GPT
+from gpt2x.model.hf import export_hf, from_pretrained
 from gpt2x.sample import generate
 
 # tests/conftest.py sets HF_HUB_OFFLINE=1 before this import: every checkpoint here is made locally, never downloaded
@@ -30,8 +32,9 @@ def idx():
 
 @pytest.mark.parametrize("attention", ["sdpa", "manual"])
 def test_from_pretrained_logits_match_transformers(hf_dir, idx, attention):
-    model = GPT.from_pretrained(hf_dir, attention=attention).eval()
-    assert model.config == GPTConfig(block_size=64, vocab_size=50257, attention=attention, **TINY)
+    model = from_pretrained(hf_dir, attention=attention).eval()
+    assert model.config == ModelConfig(name=str(hf_dir), block_size=64, vocab_size=50257, init_from=str(hf_dir), **TINY)
+    assert model.attention == attention
     with torch.no_grad():
         logits, loss = model(idx)
     assert loss is None
@@ -39,19 +42,19 @@ def test_from_pretrained_logits_match_transformers(hf_dir, idx, attention):
 
 
 def test_export_hf_round_trips_through_transformers_and_drops_vocab_padding(hf_dir, idx, tmp_path):
-    model = GPT.from_pretrained(hf_dir, vocab_size=50304).eval()
-    model.export_hf(tmp_path / "export")
+    model = from_pretrained(hf_dir, vocab_size=50304).eval()
+    export_hf(model, tmp_path / "export")
     reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export")
     assert reloaded.config.vocab_size == 50257
     torch.testing.assert_close(_hf_logits(tmp_path / "export", idx), _hf_logits(hf_dir, idx), atol=1e-6, rtol=1e-6)
     # and back into gpt2x
-    again = GPT.from_pretrained(tmp_path / "export").eval()
+    again = from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(idx)[0], model(idx)[0][..., :50257], atol=1e-6, rtol=1e-6)
 
 
 def test_from_pretrained_pads_vocab_and_crops_block_size(hf_dir, idx):
-    model = GPT.from_pretrained(hf_dir, vocab_size=50304, block_size=32).eval()
+    model = from_pretrained(hf_dir, vocab_size=50304, block_size=32).eval()
     assert model.transformer.wte.weight.shape == (50304, 32)
     assert model.transformer.wpe.weight.shape == (32, 32)
     with torch.no_grad():
@@ -62,26 +65,26 @@ def test_from_pretrained_pads_vocab_and_crops_block_size(hf_dir, idx):
 
 def test_from_pretrained_rejects_bad_overrides_and_non_gpt2_checkpoints(hf_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.n_layer=3 does not match the checkpoint .*n_layer=2"):
-        GPT.from_pretrained(hf_dir, n_layer=3)
-    GPT.from_pretrained(hf_dir, n_layer=2)  # restating the checkpoint's value is fine
+        from_pretrained(hf_dir, n_layer=3)
+    from_pretrained(hf_dir, n_layer=2)  # restating the checkpoint's value is fine
     with pytest.raises(ValueError, match=r"model.block_size=128 exceeds the checkpoint's 64 position embeddings"):
-        GPT.from_pretrained(hf_dir, block_size=128)
-    with pytest.raises(ValueError, match=r"unknown GPTConfig override\(s\) \['dropout'\]"):
-        GPT.from_pretrained(hf_dir, dropout=0.1)
+        from_pretrained(hf_dir, block_size=128)
+    with pytest.raises(ValueError, match=r"unknown model override\(s\) \['dropout'\]"):
+        from_pretrained(hf_dir, dropout=0.1)
     transformers.LlamaConfig(hidden_size=32, num_hidden_layers=1).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match=r"is a 'llama' checkpoint, not GPT-2"):
-        GPT.from_pretrained(tmp_path / "llama")
+        from_pretrained(tmp_path / "llama")
     transformers.GPT2Config(activation_function="relu", **TINY).save_pretrained(tmp_path / "relu")
     with pytest.raises(ValueError, match=r"GPT-2 variant this model does not implement.*activation_function=relu"):
-        GPT.from_pretrained(tmp_path / "relu")
+        from_pretrained(tmp_path / "relu")
     with pytest.raises(ValueError, match=r"model.init_from=.*missing.* could not be loaded"):
-        GPT.from_pretrained(tmp_path / "missing")
+        from_pretrained(tmp_path / "missing")
 
 
 def test_init_follows_gpt2_scaled_residual_init():
     torch.manual_seed(0)
     n_layer = 4
-    model = GPT(GPTConfig(block_size=64, vocab_size=512, real_vocab_size=512, n_layer=n_layer, n_head=4, n_embd=256))
+    model = GPT(ModelConfig(block_size=64, vocab_size=512, n_layer=n_layer, n_head=4, n_embd=256), real_vocab_size=512)
     residual_std = 0.02 / (2 * n_layer) ** 0.5
     for name, p in model.named_parameters():
         if name.endswith("c_proj.weight"):
@@ -101,14 +104,14 @@ def test_init_follows_gpt2_scaled_residual_init():
 
 def test_gpt2_124m_has_the_published_parameter_count():
     with torch.device("meta"):  # shapes only, no memory or init time
-        model = GPT(GPTConfig())
+        model = GPT(ModelConfig())
     assert model.num_params(non_embedding=False) == 124_439_808
 
 
 def test_padded_vocab_gives_the_same_loss_and_never_predicts_padding():
     torch.manual_seed(0)
-    padded = GPT(GPTConfig(block_size=16, vocab_size=50304, real_vocab_size=50257, **TINY))
-    exact = GPT(GPTConfig(block_size=16, vocab_size=50257, real_vocab_size=50257, **TINY))
+    padded = GPT(ModelConfig(block_size=16, vocab_size=50304, **TINY), real_vocab_size=50257)
+    exact = GPT(ModelConfig(block_size=16, vocab_size=50257, **TINY), real_vocab_size=50257)
     sd = padded.state_dict()
     sd = {k: (v[:50257] if k in ("transformer.wte.weight", "lm_head.weight") else v) for k, v in sd.items()}
     exact.load_state_dict(sd)
@@ -124,15 +127,19 @@ def test_padded_vocab_gives_the_same_loss_and_never_predicts_padding():
     assert out.max() < 50257
 
 
-def test_sequence_longer_than_block_size_is_a_clear_error():
-    model = GPT(GPTConfig(block_size=8, vocab_size=64, real_vocab_size=64, **TINY))
-    with pytest.raises(ValueError, match=r"sequence length 9 exceeds model.block_size=8; set data.seq_len"):
-        model(torch.zeros(1, 9, dtype=torch.long))
+def test_sequence_longer_than_block_size_is_refused_before_any_work():
+    from conftest import compose
+
+    from gpt2x.validate import validate
+
+    message = r"data.seq_len=9 exceeds model.block_size=8 \(model=tiny\); use data.seq_len<=8"
+    with pytest.raises(ValueError, match=message):
+        validate(compose(["model=tiny", "model.block_size=8", "data.seq_len=9"]), torch.device("cpu"), 1)
 
 
 def test_tiny_model_overfits_a_single_batch():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=32, vocab_size=256, real_vocab_size=256, n_layer=2, n_head=4, n_embd=64))
+    model = GPT(ModelConfig(block_size=32, vocab_size=256, n_layer=2, n_head=4, n_embd=64), real_vocab_size=256)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     x = torch.randint(0, 256, (4, 32))
     y = torch.roll(x, -1, dims=1)
@@ -150,7 +157,7 @@ def test_greedy_generation_matches_transformers(hf_dir):
     want = hf.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12, do_sample=False, pad_token_id=50256
     )
-    model = GPT.from_pretrained(hf_dir, vocab_size=50304)
+    model = from_pretrained(hf_dir, vocab_size=50304)
     got = generate(model, prompt, max_new_tokens=12, temperature=0)
     assert got.tolist() == want.tolist()
     assert len(set(want[:, 5:].flatten().tolist())) > 3  # a non-degenerate continuation, not one repeated token
@@ -161,7 +168,7 @@ def test_greedy_generation_matches_transformers(hf_dir):
 
 def test_sampling_is_reproducible_per_seed_and_crops_to_block_size():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=16, vocab_size=256, real_vocab_size=256, **TINY)).eval()
+    model = GPT(ModelConfig(block_size=16, vocab_size=256, **TINY), real_vocab_size=256).eval()
     prompt = torch.zeros(2, 10, dtype=torch.long)
 
     def sample(seed):

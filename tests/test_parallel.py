@@ -20,8 +20,9 @@ import pytest
 import torch
 from conftest import TINY, compose
 
+from gpt2x.launch import WorkerFailedError, launch
 from gpt2x.speed import parallel
-from gpt2x.speed.parallel import PARALLEL_STRATEGIES, WorkerFailedError
+from gpt2x.speed.parallel import PARALLEL_STRATEGIES
 
 REPO = Path(__file__).resolve().parents[1]
 B, T, K = 2, 32, 2  # micro-batch, sequence length, micro-steps per rank in the 2-process runs
@@ -41,7 +42,7 @@ def launch_run(run_dir: Path, overrides: list[str]) -> dict:
 
     cfg = compose(TINY + overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return parallel.launch(train, cfg, run_dir)
+    return launch(train, cfg, run_dir)
 
 
 def free_port() -> int:
@@ -202,7 +203,7 @@ def test_worker_killed_by_a_signal_fails_the_run_naming_the_signal(tmp_path):
     cfg = compose(["parallel=ddp", "parallel.nproc_per_node=2"])
     t0 = time.time()
     with pytest.raises(WorkerFailedError, match=r"rank 1 of 2 failed .*Signal 9 \(SIGKILL\)"):
-        parallel.launch(_killed_on_rank_1, cfg, tmp_path)
+        launch(_killed_on_rank_1, cfg, tmp_path)
     assert time.time() - t0 < 120
 
 

@@ -10,10 +10,10 @@ import torch
 from conftest import compose, run_train
 
 from gpt2x.speed.precision import apply_precision
-from gpt2x.train import validate
+from gpt2x.validate import validate
 
 CPU = torch.device("cpu")
-FAST = ["peak_flops=1e12", "optim.max_steps=3", "eval_interval=0"]  # no peak probe: the numbers are what is tested
+FAST = ["peak_flops=1e12", "optim.max_steps=3", "eval_interval=3"]  # no peak probe: the numbers are what is tested
 
 
 @pytest.fixture(autouse=True)
@@ -50,14 +50,14 @@ def test_tf32_on_cpu_says_once_that_it_has_no_effect(caplog):
 
 
 def test_fp16_on_cpu_is_refused_before_any_work_unless_forced(tmp_path):
-    with pytest.raises(ValueError, match=r"precision=fp16 \(float16\) on cpu: .* precision\.force=true"):
+    with pytest.raises(ValueError, match=r"precision=fp16 \(float16\) on cpu: .* precision\.allow_slow=true"):
         run_train(tmp_path, ["precision=fp16"])
     assert not (tmp_path / "record.json").exists()  # refused before the run started
 
 
 def test_fp16_forced_on_cpu_trains_a_minuscule_model_with_loss_scaling(tmp_path):
     minuscule = ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "data.seq_len=16", "sample_max_tokens=2"]
-    summary = run_train(tmp_path, FAST + minuscule + ["precision=fp16", "precision.force=true"])
+    summary = run_train(tmp_path, FAST + minuscule + ["precision=fp16", "precision.allow_slow=true"])
     assert math.isfinite(summary["final_loss"]) and summary["final_loss"] == pytest.approx(math.log(50257), abs=0.3)
 
 

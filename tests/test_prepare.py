@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from gpt2x.config import DataConfig
+from gpt2x.config import FinewebDataConfig
 from gpt2x.data import fineweb
 from gpt2x.data.fineweb import prepare_fineweb
 from gpt2x.data.prepare import main as prepare_main
@@ -168,7 +168,7 @@ def test_sigkilled_prep_resumes_to_exactly_the_uninterrupted_shards(tmp_path, re
 
 
 def _data_cfg(**overrides):
-    return OmegaConf.structured(DataConfig(name="fineweb_edu", **overrides))
+    return OmegaConf.structured(FinewebDataConfig(name="fineweb_edu", **overrides))
 
 
 def test_data_fineweb_edu_points_at_gpt2x_prepare_until_shards_exist(tmp_path):

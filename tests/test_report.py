@@ -16,7 +16,7 @@ from gpt2x.run.report import REPORT_FILES, main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LADDER = OmegaConf.load(CONF_DIR / "experiment" / "ladder.yaml").hydra.sweeper.params.rung.split(",")
-RUNG_CHOICES = ("precision", "attention", "compile", "parallel", "model.vocab_size", "optim.fused", "model.fused_ce")
+RUNG_CHOICES = ("precision", "attention", "compile", "parallel", "model.vocab_size", "optim.fused", "loss")
 
 
 def multirun(sweep_dir, *overrides):
@@ -101,7 +101,7 @@ def test_ladder_rungs_are_cumulative_one_choice_at_a_time():
         assert len(changed) == 1, (cur.rung, changed)
         steps.append(f"{changed[0]}={_choice(cur, changed[0])}")
     assert steps == ["precision=tf32", "precision=bf16", "compile=default", "attention=flash",
-                     "model.vocab_size=50304", "optim.fused=True", "model.fused_ce=True", "parallel=ddp"]  # fmt: skip
+                     "model.vocab_size=50304", "optim.fused=True", "loss=fused", "parallel=ddp"]  # fmt: skip
     first = cfgs[0]
     assert (_choice(first, "precision"), _choice(first, "attention"), _choice(first, "compile")) == (
         "fp32",

@@ -48,7 +48,7 @@ def test_gradient_accumulation_matches_one_bigger_batch_over_the_same_tokens(tmp
         (["data.seq_len=256"], "data.seq_len=256 exceeds model.block_size=128"),
         (["data.total_batch_size=100"], "data.total_batch_size=100 is not divisible"),
         (["data=text", "data.path=/no/such/corpus"], "data.path"),
-        (["precision=fp16"], "precision.force=true"),
+        (["precision=fp16"], "precision.allow_slow=true"),
         (["device=cuda"], "CUDA is not available"),
     ],
 )

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import DictConfig, OmegaConf
 from wandb_offline import find_runs, iter_messages, read_run, wait_for_exit
 
-from gpt2x.run.logger import HYDRA_INFO_ENV, build_logger
+from gpt2x.run.logger import build_logger
+from gpt2x.run.record import HYDRA_INFO_ENV
 from tests.conftest import REPO, TINY, compose
 
 STEP = {

@@ -231,6 +231,12 @@ def test_text_prepare_names_data_path_when_there_is_nothing_to_read(tmp_path, mo
         prepare_dataset(data_config(tmp_path, path=path))
 
 
+def test_text_prepare_names_a_non_utf8_file_and_the_byte_offset(tmp_path, corpus):
+    (corpus / "b" / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte offset 3 .*convert it to UTF-8"):
+        prepare_dataset(data_config(tmp_path, path=str(corpus)))
+
+
 def test_prepare_reuses_the_cache_without_tokenizing_again(tmp_path, corpus, monkeypatch):
     cfg = data_config(tmp_path, path=str(corpus))
     first = prepare_dataset(cfg)

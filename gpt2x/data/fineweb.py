@@ -35,8 +35,14 @@ _BATCH_DOCS = 1024  # documents read from the stream per batch handed to the wor
 _CHUNKSIZE = 16  # documents per worker task, as in build-nanogpt
 
 
-def tokenize_document(text: str) -> np.ndarray:
-    """[EOT] + the GPT-2 tokens of `text`, as uint16 (EOT first: it marks where a document starts)."""
+def tokenize_document(text: str | None) -> np.ndarray:
+    """[EOT] + the GPT-2 tokens of `text`, as uint16 (EOT first: it marks where a document starts).
+
+    A null text (a row without a document) gives no tokens at all, so the row is skipped while still counting as
+    one document of the stream: resume positions stay document indices.
+    """
+    if text is None:
+        return np.empty(0, dtype=np.uint16)
     return np.asarray([EOT] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids all fit 16 bits
 
 
@@ -45,8 +51,8 @@ def shard_name(index: int) -> str:
     return f"{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
-def _text_sha1(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+def _text_sha1(text: str | None) -> str:
+    return hashlib.sha1((text or "").encode("utf-8")).hexdigest()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -111,14 +117,21 @@ class _DocStream:
             self.ds = load()
         self.it = self._skip(iter(self.ds), start)
 
-    def _text(self, example) -> str:
+    def _text(self, example, index: int | None = None) -> str | None:
         try:
-            return example[self.text_field]
+            text = example[self.text_field]
         except KeyError:
             raise ValueError(
                 f"text field {self.text_field!r} is not in the dataset's columns {sorted(example)}; "
                 "pass --text-field (data.text_field) naming the column with the document text"
             ) from None
+        if text is not None and not isinstance(text, str):
+            where = f"document {index}" if index is not None else "a document"
+            raise ValueError(
+                f"{where} (counting from 0) has a {type(text).__name__} in text field {self.text_field!r}, not a "
+                f"string: {str(text)[:80]!r}; pass --text-field naming the column with the document text"
+            )
+        return text
 
     def _seek(self, state: dict, first_sha1: str) -> bool:
         """Move the stream to `state`, checking that the document there is the one recorded with it."""
@@ -149,7 +162,7 @@ class _DocStream:
         n = _BATCH_DOCS if self.stop is None else max(0, min(_BATCH_DOCS, self.stop - first))
         texts = []
         for example in self.it if n else ():
-            texts.append(self._text(example))
+            texts.append(self._text(example, first + len(texts)))
             if len(texts) == n:
                 break
         self.next_doc += len(texts)
@@ -226,11 +239,23 @@ def prepare_fineweb(
         else:
             manifest = {**settings, "shards": [], "docs_done": 0, "token_offset": 0, "tokens": 0, "complete": False}
         load = functools.partial(_load_stream, source, name, split, data_files)
-        _fill_shards(out_dir, manifest, load, text_field, shard_size, num_proc, max_docs)
+        try:
+            _fill_shards(out_dir, manifest, load, text_field, shard_size, num_proc, max_docs)
+        except StopIteration:  # `datasets` reads a source's first record to learn its columns; an empty one has none
+            raise _no_documents(source, name, split, data_files) from None
+        except Exception as e:
+            if source == "json" and (bad := first_bad_json_line(data_files)):
+                raise ValueError(
+                    f"{bad}; fix or remove that line and rerun the same command (the shards already written are kept)"
+                ) from e
+            raise
     if manifest["tokens"] == 0:
-        raise ValueError(
-            f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents; "
-            "check --source, --name, --split and --data-files"
+        raise _no_documents(source, name, split, data_files)
+    if manifest.get("null_texts"):
+        warnings.warn(
+            f"skipped {manifest['null_texts']} documents whose {text_field!r} is null (of {manifest['docs_done']}); "
+            f"the count is in {manifest_path}",
+            stacklevel=2,
         )
     if len(manifest["shards"]) < 2:
         warnings.warn(
@@ -241,11 +266,40 @@ def prepare_fineweb(
     return out_dir
 
 
+def _no_documents(source: str, name: str | None, split: str, data_files) -> ValueError:
+    return ValueError(
+        f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents (an empty file?); "
+        "check --source, --name, --split and --data-files"
+    )
+
+
+def first_bad_json_line(data_files) -> str | None:
+    """'FILE line N is not valid JSON (why)' for the first broken line of local JSON Lines files, else None.
+
+    `datasets` reports a parse error by its position in an Arrow block, which points nowhere in the file; this
+    re-reads the files only after such an error, to name the line to fix.
+    """
+    for path in [Path(f) for f in _normalize_data_files(data_files) or []]:
+        if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as e:
+                    if number == 1 and line.lstrip().startswith("["):
+                        break  # one JSON document spread over lines, not JSON Lines: no line to blame
+                    return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+    return None
+
+
 def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_size: int, num_proc: int, max_docs):
     """Stream documents from the manifest's position on into shards, updating the manifest after each shard."""
     buf = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
     fill = 0
     skip = manifest["token_offset"]  # tokens of the first document that are already in the previous shard
+    manifest.setdefault("null_texts", 0)  # rows without text: skipped, counted up to the manifest's position
 
     def finish_shard(docs_done: int, token_offset: int, batch_first: int, batch_state, batch_sha1) -> None:
         index = len(manifest["shards"])
@@ -273,6 +327,7 @@ def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_siz
                 break
             batch_first, batch_state, batch_sha1, token_arrays = pending.popleft()
             for doc_index, tokens in enumerate(token_arrays, start=batch_first):
+                manifest["null_texts"] += len(tokens) == 0  # only a null text has no tokens (a document has its EOT)
                 pos, skip = skip, 0
                 while pos < len(tokens):  # a long document may fill several shards
                     n = min(shard_size - fill, len(tokens) - pos)

@@ -13,6 +13,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shlex
@@ -24,8 +25,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt2x.data.shards import write_shard
+from gpt2x.data.shards import CHECKSUMS, file_sha256, write_shard
 from gpt2x.tokenizer import EOT, gpt2_encoding
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOURCE = "HuggingFaceFW/fineweb-edu"
 DEFAULT_NAME = "sample-10BT"  # ~10B GPT-2 tokens, the build-nanogpt run
@@ -229,6 +232,7 @@ def prepare_fineweb(
                     f"{out_dir} was prepared with other settings ({diff}); rerun with the original settings to "
                     "resume, or pass another --out (data.path)"
                 )
+            _add_missing_checksums(out_dir, manifest)
             if manifest["complete"]:
                 return out_dir
         elif any(out_dir.glob("*.npy")):
@@ -294,6 +298,16 @@ def first_bad_json_line(data_files) -> str | None:
     return None
 
 
+def _add_missing_checksums(out_dir: Path, manifest: dict) -> None:
+    """Record the sha256 of shards written before manifests held checksums, as the files are now."""
+    checksums = manifest.setdefault(CHECKSUMS, {})
+    missing = [name for name in manifest["shards"] if name not in checksums]
+    for name in tqdm(missing, desc=f"recording checksums of the shards in {out_dir}", disable=not missing):
+        checksums[name] = file_sha256(out_dir / name)
+    if missing:
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+
+
 def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_size: int, num_proc: int, max_docs):
     """Stream documents from the manifest's position on into shards, updating the manifest after each shard."""
     buf = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
@@ -303,7 +317,7 @@ def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_siz
 
     def finish_shard(docs_done: int, token_offset: int, batch_first: int, batch_state, batch_sha1) -> None:
         index = len(manifest["shards"])
-        write_shard(out_dir / shard_name(index), buf[:fill])
+        manifest.setdefault(CHECKSUMS, {})[shard_name(index)] = write_shard(out_dir / shard_name(index), buf[:fill])
         manifest["shards"].append(shard_name(index))
         manifest.update(docs_done=docs_done, token_offset=token_offset, tokens=manifest["tokens"] + fill)
         manifest.update(stream_doc=batch_first, stream_state=batch_state, stream_doc_sha1=batch_sha1)
@@ -389,16 +403,23 @@ def prepare(cfg) -> Path:
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
+        # the same settings the prep started with: rerunning them resumes it, or records missing checksums
+        m = manifest
+        again = prepare_command(
+            m["source"], m["name"], m["split"], m["text_field"], out_dir, m["shard_size"], cfg.num_proc,
+            m["data_files"], m["max_docs"],
+        )  # fmt: skip
         if not manifest.get("complete"):
-            m = manifest  # the resume must repeat the settings the prep started with
-            resume = prepare_command(
-                m["source"], m["name"], m["split"], m["text_field"], out_dir, m["shard_size"], cfg.num_proc,
-                m["data_files"], m["max_docs"],
-            )  # fmt: skip
             raise FileNotFoundError(
                 f"the shards in {out_dir} (data.path) are unfinished ({len(manifest['shards'])} written); rerun "
-                f"`{resume}` to continue where it stopped"
+                f"`{again}` to continue where it stopped"
             )
+        if CHECKSUMS not in manifest:
+            log.warning(
+                "the shards in %s were prepared before gpt2x-prepare recorded checksums, so they are used unchecked; "
+                "rerun `%s` to record the checksums of the shards as they are now (or prepare them again into a new "
+                "--out to be sure they are intact)", out_dir, again,
+            )  # fmt: skip
         if (manifest["source"], manifest["name"], manifest["split"]) != (cfg.hf_path, cfg.hf_name, cfg.hf_split):
             raise ValueError(
                 f"{out_dir} (data.path) holds {manifest['source']} name={manifest['name']} split={manifest['split']}, "

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -55,14 +59,21 @@ def sample_texts(
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> list[str]:
-    """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own)."""
-    from gpt2x.data.tokenizer import gpt2_encoding
+    """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own).
+
+    An empty prompt samples unconditionally: generation starts from <|endoftext|>, as GPT-2's own unconditional
+    samples were made, and that start token is not part of the returned text. A prompt may contain <|endoftext|>
+    (a document boundary), which is encoded as the special token.
+    """
+    from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
     enc = gpt2_encoding()
-    idx = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
+    ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT]  # the model needs at least one token
+    idx = torch.tensor(ids, dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
     out = generate(model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=gen)
-    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]  # padding ids have no text
+    start = 0 if prompt else 1  # the EOT an empty prompt starts from was not written by the user
+    return [enc.decode([t for t in row[start:].tolist() if t < enc.n_vocab]) for row in out]  # padding has no text
 
 
 def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
@@ -84,30 +95,92 @@ def load_model(checkpoint_path: str | None, pretrained: str | None, device: str 
     return model.to(device).eval()
 
 
-def main(argv: list[str] | None = None) -> list[str]:
-    """gpt2x-sample: print continuations of a prompt from a checkpoint or pretrained GPT-2 weights."""
-    import argparse
+def _positive_int(text: str) -> int:
+    value = int(text)  # argparse turns a ValueError into "invalid _positive_int value: 'x'"
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
+
+_positive_int.__name__ = "int"  # argparse names the type in its "invalid int value" message
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {value}")
+    return value
+
+
+_non_negative_float.__name__ = "float"
+
+
+def device_problem(name: str) -> str | None:
+    """Why `--device name` cannot run here, or None if it can."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"{name!r} is not a device; use cpu, cuda, cuda:N or mps"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"{name}: CUDA is not available here; use --device cpu"
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"{name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        return f"{name}: MPS is not available here; use --device cpu"
+    elif device.type not in ("cpu", "cuda", "mps"):
+        return f"{name}: gpt2x-sample runs on cpu, cuda or mps"
+    return None
+
+
+def checkpoint_problem(path: str) -> str | None:
+    """Why `--checkpoint path` is not a checkpoint file, or None if it is one (its content is checked on load)."""
+    from gpt2x.run import checkpoint
+
+    p = Path(path)
+    if p.is_dir():
+        found = checkpoint.list_checkpoints(p) or checkpoint.list_checkpoints(p / "checkpoints")
+        hint = f", e.g. {found[-1][1]} (the newest there)" if found else " (<run_dir>/checkpoints/step_NNNNNN.pt)"
+        return f"{path} is a directory; give a checkpoint file{hint}"
+    if not p.exists():
+        return f"{path} does not exist; give a checkpoint file (<run_dir>/checkpoints/step_NNNNNN.pt)"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of gpt2x-sample."""
     p = argparse.ArgumentParser(prog="gpt2x-sample", description=main.__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="a gpt2x checkpoint (<run_dir>/checkpoints/step_NNNNNN.pt)")
     src.add_argument("--pretrained", help="transformers GPT-2: hub name (gpt2, gpt2-medium, ...) or local directory")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num-samples", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=32, help="new tokens per sample")
-    p.add_argument("--top-k", type=int, default=50, help="0 = no top-k filtering")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--prompt", default="Hello, I'm a language model,",
+                   help="text to continue; '' samples unconditionally from <|endoftext|>")  # fmt: skip
+    p.add_argument("--num-samples", type=_positive_int, default=4)
+    p.add_argument("--max-tokens", type=_positive_int, default=32, help="new tokens per sample")
+    p.add_argument("--top-k", type=_positive_int, default=50, help="sample from the k likeliest tokens")
+    p.add_argument("--temperature", type=_non_negative_float, default=1.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """gpt2x-sample: print continuations of a prompt from a checkpoint or pretrained GPT-2 weights."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Checked before the model is loaded, so a typo costs nothing; argparse's error format and exit status 2.
+    if problem := device_problem(args.device):
+        parser.error(f"argument --device: {problem}")
+    if args.checkpoint and (problem := checkpoint_problem(args.checkpoint)):
+        parser.error(f"argument --checkpoint: {problem}")
 
     model = load_model(args.checkpoint, args.pretrained, args.device)
     texts = sample_texts(model, args.prompt, args.num_samples, args.max_tokens, args.top_k, args.temperature,
                          args.seed, args.device)  # fmt: skip
     for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}", flush=True)
-    return texts
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -205,3 +205,25 @@ def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
         if killed_mid_save:
             break
     assert killed_mid_save, "no trial killed the writer inside a save; the test did not exercise the crash path"
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A real 256 KiB filesystem (tmpfs), so a save runs into ENOSPC exactly as on a full disk."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mounting a tmpfs needs root: {mounted.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_save_onto_a_full_disk_says_no_space_left_naming_the_path_and_keeps_earlier_checkpoints(small_disk):
+    ckpt_dir = small_disk / "checkpoints"
+    checkpoint.save(ckpt_dir, 0, small_state(0), keep=2)
+    too_big = {**small_state(1), "model": {"w": torch.zeros(512 * 1024 // 4)}}  # 512 KiB on a 256 KiB disk
+    with pytest.raises(OSError, match=f"no space left on device while saving checkpoint {ckpt_dir / 'step_000001.pt'}"):
+        checkpoint.save(ckpt_dir, 1, too_big, keep=2)
+    assert [p.name for p in ckpt_dir.iterdir()] == ["step_000000.pt"]  # no temp file left filling the disk
+    assert checkpoint.load(checkpoint.latest(ckpt_dir))["step"] == 0

@@ -233,6 +233,12 @@ def test_text_prepare_names_data_path_when_there_is_nothing_to_read(tmp_path, mo
         prepare_dataset(data_config(tmp_path, path=path))
 
 
+def test_text_prepare_names_a_non_utf8_file_and_the_byte_offset(tmp_path, corpus):
+    (corpus / "b" / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte offset 3 .*convert it to UTF-8"):
+        prepare_dataset(data_config(tmp_path, path=str(corpus)))
+
+
 def test_prepare_reuses_the_cache_without_tokenizing_again(tmp_path, corpus, monkeypatch):
     cfg = data_config(tmp_path, path=str(corpus))
     first = prepare_dataset(cfg)
@@ -379,3 +385,46 @@ def test_shakespeare_corpus_is_all_plays_in_plain_form(shakespeare_dir):
     )
     x, _ = loader.next_batch()
     assert x.shape == (4, 64) and int(x.max()) < 50257
+
+
+# --- shard checksums ----------------------------------------------------------------------------------------------
+
+
+def rewrite_token(path: Path, position: int, token: int) -> None:
+    tokens = load_shard(path).copy()
+    tokens[position] = token
+    write_shard(path, tokens)
+
+
+def test_a_corrupted_or_swapped_cached_shard_fails_naming_its_path_when_first_opened(tmp_path, corpus):
+    cfg = data_config(tmp_path, path=str(corpus), shard_size=100, val_fraction=0.25)
+    directory = prepare_dataset(cfg)
+    assert build_loader(cfg, "train").next_batch()  # intact shards pass
+    train = directory / "train_000000.npy"
+    original = train.read_bytes()
+    rewrite_token(train, 3, (int(load_shard(train)[3]) + 1) % 50257)  # still a valid token: only the checksum sees it
+    with pytest.raises(ValueError, match=f"token shard {train} has sha256 .* but {directory / 'meta.json'} records"):
+        build_loader(cfg, "train")
+    train.write_bytes((directory / "val_000000.npy").read_bytes())  # swapped for another shard of the same data
+    with pytest.raises(ValueError, match=f"token shard {train} has sha256 .*corrupted or swapped.*delete {directory}"):
+        build_loader(cfg, "train")
+    train.write_bytes(original)
+    assert build_loader(cfg, "train").next_batch()
+
+
+def test_a_shard_holding_an_id_outside_gpt2s_vocabulary_is_refused_naming_its_path(tmp_path):
+    [path] = make_shards(tmp_path, [100])
+    rewrite_token(path, 42, 60000)  # no manifest here: the vocabulary check alone catches it
+    with pytest.raises(ValueError, match=f"token shard {path} holds token id 60000 at position 42, outside GPT-2's"):
+        ShardLoader([path], B=2, T=4)
+
+
+def test_a_cache_made_before_shards_had_checksums_is_tokenized_again(tmp_path, corpus):
+    cfg = data_config(tmp_path, path=str(corpus), shard_size=100, val_fraction=0.25)
+    directory = prepare_dataset(cfg)
+    meta = json.loads((directory / "meta.json").read_text())
+    assert set(meta["shard_sha256"]) == {p.name for p in directory.glob("*.npy")}
+    (directory / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "shard_sha256"}))
+    assert prepare_dataset(cfg) == directory
+    assert json.loads((directory / "meta.json").read_text()) == meta
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]  # the old copy is gone

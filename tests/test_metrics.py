@@ -94,6 +94,17 @@ def test_cpu_peak_is_probed_once_and_cached_and_fresh_measures_again(tmp_path):
     assert list(json.loads(cache.read_text()).values()) == [fresh]
 
 
+@pytest.mark.parametrize("bad", [-1e12, 0, "fast"])
+def test_a_cached_peak_that_is_not_a_positive_number_is_measured_again(tmp_path, caplog, bad):
+    peak_flops(CPU, torch.float32, False, str(tmp_path))
+    cache = tmp_path / "peak_flops.json"
+    cache.write_text(json.dumps({k: bad for k in json.loads(cache.read_text())}))
+    peak, source = peak_flops(CPU, torch.float32, False, str(tmp_path))
+    assert peak > 1e8 and source == "matmul probe (float32, first measurement)"
+    assert list(json.loads(cache.read_text()).values()) == [peak]  # the bad figure is replaced
+    assert "not a positive FLOP/s figure; measuring again" in caplog.text
+
+
 def test_peak_settings_are_checked_with_messages_naming_them():
     with pytest.raises(ValueError, match="peak_probe='sometimes' is not a probe mode; valid: cached, fresh"):
         peak_flops(CPU, torch.float32, False, None, probe="sometimes")

@@ -101,25 +101,36 @@ def test_fsdp_two_procs_equals_single_proc_and_checkpoints_full_weights(single_r
     assert losses(resumed) == pytest.approx(got[2:], abs=1e-6)
 
 
-def test_worker_that_fails_fails_the_run_with_its_rank_and_error(tmp_path):
-    """A token id past the vocabulary in a window only rank 1 reads: rank 1 dies in its forward pass while rank 0
-    waits in the gradient all-reduce. The run must stop (not hang) and name rank 1 and its error."""
-    from gpt2x.data import prepare_dataset
-    from gpt2x.data.shards import load_shard, write_shard
+def train_with_an_out_of_vocabulary_token_on_rank_1(cfg, run_dir):
+    """train(), except that rank 1's loader hands out a token id past the vocabulary in its first batch.
 
-    text = tmp_path / "corpus.txt"
-    text.write_text(" ".join(f"line {i} of a generated corpus." for i in range(300)))
-    data = [f"data.path={text}", f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.5"]
-    cfg = compose(TINY + ["data=text"] + data)
-    shard = prepare_dataset(cfg.data) / "train_000000.npy"
-    tokens = load_shard(shard).copy()
-    # Rank 0's first window is tokens [0, B*T] (inputs and shifted targets); rank 1's starts at B*T.
-    tokens[B * T + 10] = 60000  # e.g. a shard written with a larger tokenizer; model.vocab_size is 50257
-    write_shard(shard, tokens)
+    A test hook inside the worker: a shard holding such an id is refused by every rank when it is first opened (its
+    checksum and vocabulary check), so corrupt data on disk can no longer make one rank fail alone.
+    """
+    from gpt2x.data.shards import ShardLoader
+    from gpt2x.train import train
+
+    if os.environ.get("RANK") == "1":
+        next_batch = ShardLoader.next_batch
+
+        def next_batch_with_a_bad_token(self):
+            x, y = next_batch(self)
+            x[0, 10] = 60000  # e.g. a token of a larger tokenizer; model.vocab_size is 50257
+            return x, y
+
+        ShardLoader.next_batch = next_batch_with_a_bad_token
+    return train(cfg, run_dir)
+
+
+def test_worker_that_fails_fails_the_run_with_its_rank_and_error(tmp_path):
+    """A token id past the vocabulary in a batch only rank 1 reads: rank 1 dies in its forward pass while rank 0
+    waits in the gradient all-reduce. The run must stop (not hang) and name rank 1 and its error."""
+    cfg = compose(TINY + ["parallel=ddp", "parallel.nproc_per_node=2"])
+    (tmp_path / "run").mkdir()
 
     t0 = time.time()
     with pytest.raises(WorkerFailedError) as err:
-        launch_run(tmp_path / "run", ["data=text", *data, "parallel=ddp", "parallel.nproc_per_node=2"])
+        parallel.launch(train_with_an_out_of_vocabulary_token_on_rank_1, cfg, tmp_path / "run")
     message = str(err.value)
     assert "parallel=ddp: rank 1 of 2 failed" in message
     assert "IndexError" in message and "index out of range" in message

@@ -209,3 +209,60 @@ def test_single_shard_warns_that_there_is_no_train_split(tmp_path):
         warnings.simplefilter("always")
         prepare_fineweb("json", None, "train", tmp_path / "out", shard_size=10_000, num_proc=1, data_files=str(source))
     assert any("no train split" in str(w.message) for w in caught)
+
+
+def test_prepare_refuses_an_empty_dataset_saying_it_has_no_documents(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"produced no documents \(an empty file\?\); check --source"):
+        prepare_main(["--source", "json", "--data-files", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "o"),
+                      "--num-proc", "1"])  # fmt: skip
+
+
+def test_prepare_names_the_file_and_line_of_malformed_json(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", make_documents(5))
+    lines = source.read_text().splitlines()
+    lines[3] = lines[3][:-1]  # drop the closing brace of the 4th document
+    source.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"{source} line 4 is not valid JSON"):
+        prepare_fineweb("json", None, "train", tmp_path / "out", shard_size=50, num_proc=1, data_files=str(source))
+
+
+def test_prepare_skips_and_counts_rows_whose_text_is_null(tmp_path):
+    docs = make_documents(6)
+    with open(tmp_path / "docs.jsonl", "w") as f:
+        for i, doc in enumerate(docs):
+            f.write(json.dumps({"text": None if i in (1, 4) else doc}) + "\n")
+    with pytest.warns(UserWarning, match="skipped 2 documents whose 'text' is null"):
+        prepare_fineweb("json", None, "train", tmp_path / "out", shard_size=30, num_proc=1,
+                        data_files=str(tmp_path / "docs.jsonl"))  # fmt: skip
+    _, stream = read_stream(tmp_path / "out")
+    np.testing.assert_array_equal(stream, expected_stream([d for i, d in enumerate(docs) if i not in (1, 4)]))
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["null_texts"] == 2
+
+
+def test_prepared_shards_carry_checksums_and_a_corrupted_one_fails_naming_its_path(tmp_path):
+    source = write_jsonl(tmp_path / "docs.jsonl", make_documents(40))
+    out = prepare_fineweb("json", None, "train", tmp_path / "out", shard_size=300, num_proc=1, data_files=str(source))
+    train = shard_paths(out, "train")
+    ShardLoader(train, B=2, T=8).next_batch()
+    tokens = load_shard(train[0]).copy()
+    tokens[:2] = tokens[1::-1]  # two in-vocabulary tokens swapped
+    np.save(train[0], tokens)
+    with pytest.raises(ValueError, match=f"token shard {train[0]} has sha256 .*rerun gpt2x-prepare with the settings"):
+        ShardLoader(train, B=2, T=8)
+
+
+def test_shards_prepared_before_checksums_are_used_with_a_warning_until_a_rerun_records_them(tmp_path, caplog):
+    source = write_jsonl(tmp_path / "docs.jsonl", make_documents(40))
+    args = ["--source", "json", "--data-files", str(source), "--out", str(tmp_path / "out"), "--shard-size", "300",
+            "--num-proc", "1"]  # fmt: skip
+    prepare_main(args)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    old = {k: v for k, v in manifest.items() if k != "shard_sha256"}  # a manifest from before checksums
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(old))
+    cfg = _data_cfg(path=str(tmp_path / "out"), hf_path="json", hf_name=None, num_proc=1)
+    assert fineweb.prepare(cfg) == tmp_path / "out"
+    assert "prepared before gpt2x-prepare recorded checksums, so they are used unchecked" in caplog.text
+    command = caplog.text.split("rerun `")[1].split("`")[0]
+    prepare_main(shlex.split(command)[1:])  # the command it names records them
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == manifest

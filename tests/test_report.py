@@ -130,3 +130,16 @@ def test_an_unknown_rung_fails_with_hydras_list_of_rungs():
     with pytest.raises(ConfigCompositionException) as e:
         compose(["+experiment=ladder", "rung=warp_drive"])
     assert "rung/warp_drive" in str(e.value) and "fused_adamw" in str(e.value)
+
+
+@pytest.mark.slow
+def test_gpt2x_report_on_a_single_run_dir_labels_its_row_by_the_run(tmp_path, capsys):
+    run_dir = tmp_path / "bf16-trial"
+    cmd = [sys.executable, "-m", "gpt2x.train", *TINY, "peak_flops=1e12", "optim.max_steps=2", "precision=bf16",
+           f"hydra.run.dir={run_dir}"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert main([str(run_dir)]) == 0
+    assert "| - | bf16-trial | " in capsys.readouterr().out  # no job number: a single run has none
+    [row] = read_csv(run_dir / "sweep.csv")
+    assert row["job"] == "" and row["run"] == "bf16-trial" and "precision=bf16" in row["overrides"]

@@ -13,6 +13,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shlex
@@ -25,8 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2x.config import FinewebDataConfig
-from gpt2x.data.shards import write_shard
+from gpt2x.data.shards import CHECKSUMS, file_sha256, write_shard
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
+
+log = logging.getLogger(__name__)
 
 # The defaults live once, in the data=fineweb_edu schema.
 DEFAULT_SOURCE = FinewebDataConfig.hf_path
@@ -37,8 +40,14 @@ _BATCH_DOCS = 1024  # documents read from the stream per batch handed to the wor
 _CHUNKSIZE = 16  # documents per worker task, as in build-nanogpt
 
 
-def tokenize_document(text: str) -> np.ndarray:
-    """[EOT] + the GPT-2 tokens of `text`, as uint16 (EOT first: it marks where a document starts)."""
+def tokenize_document(text: str | None) -> np.ndarray:
+    """[EOT] + the GPT-2 tokens of `text`, as uint16 (EOT first: it marks where a document starts).
+
+    A null text (a row without a document) gives no tokens at all, so the row is skipped while still counting as
+    one document of the stream: resume positions stay document indices.
+    """
+    if text is None:
+        return np.empty(0, dtype=np.uint16)
     return np.asarray([EOT] + gpt2_encoding().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids all fit 16 bits
 
 
@@ -47,8 +56,8 @@ def shard_name(index: int) -> str:
     return f"{'val' if index == 0 else 'train'}_{index:06d}.npy"
 
 
-def _text_sha1(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+def _text_sha1(text: str | None) -> str:
+    return hashlib.sha1((text or "").encode("utf-8")).hexdigest()
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
@@ -113,14 +122,21 @@ class _DocStream:
             self.ds = load()
         self.it = self._skip(iter(self.ds), start)
 
-    def _text(self, example) -> str:
+    def _text(self, example, index: int | None = None) -> str | None:
         try:
-            return example[self.text_field]
+            text = example[self.text_field]
         except KeyError:
             raise ValueError(
                 f"text field {self.text_field!r} is not in the dataset's columns {sorted(example)}; "
                 "pass --text-field (data.text_field) naming the column with the document text"
             ) from None
+        if text is not None and not isinstance(text, str):
+            where = f"document {index}" if index is not None else "a document"
+            raise ValueError(
+                f"{where} (counting from 0) has a {type(text).__name__} in text field {self.text_field!r}, not a "
+                f"string: {str(text)[:80]!r}; pass --text-field naming the column with the document text"
+            )
+        return text
 
     def _seek(self, state: dict, first_sha1: str) -> bool:
         """Move the stream to `state`, checking that the document there is the one recorded with it."""
@@ -151,7 +167,7 @@ class _DocStream:
         n = _BATCH_DOCS if self.stop is None else max(0, min(_BATCH_DOCS, self.stop - first))
         texts = []
         for example in self.it if n else ():
-            texts.append(self._text(example))
+            texts.append(self._text(example, first + len(texts)))
             if len(texts) == n:
                 break
         self.next_doc += len(texts)
@@ -218,6 +234,7 @@ def prepare_fineweb(
                     f"{out_dir} was prepared with other settings ({diff}); rerun with the original settings to "
                     "resume, or pass another --out (data.path)"
                 )
+            _add_missing_checksums(out_dir, manifest)
             if manifest["complete"]:
                 return out_dir
         elif any(out_dir.glob("*.npy")):
@@ -228,11 +245,23 @@ def prepare_fineweb(
         else:
             manifest = {**settings, "shards": [], "docs_done": 0, "token_offset": 0, "tokens": 0, "complete": False}
         load = functools.partial(_load_stream, source, name, split, data_files)
-        _fill_shards(out_dir, manifest, load, text_field, shard_size, num_proc, max_docs)
+        try:
+            _fill_shards(out_dir, manifest, load, text_field, shard_size, num_proc, max_docs)
+        except StopIteration:  # `datasets` reads a source's first record to learn its columns; an empty one has none
+            raise _no_documents(source, name, split, data_files) from None
+        except Exception as e:
+            if source == "json" and (bad := first_bad_json_line(data_files)):
+                raise ValueError(
+                    f"{bad}; fix or remove that line and rerun the same command (the shards already written are kept)"
+                ) from e
+            raise
     if manifest["tokens"] == 0:
-        raise ValueError(
-            f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents; "
-            "check --source, --name, --split and --data-files"
+        raise _no_documents(source, name, split, data_files)
+    if manifest.get("null_texts"):
+        warnings.warn(
+            f"skipped {manifest['null_texts']} documents whose {text_field!r} is null (of {manifest['docs_done']}); "
+            f"the count is in {manifest_path}",
+            stacklevel=2,
         )
     if len(manifest["shards"]) < 2:
         warnings.warn(
@@ -243,15 +272,54 @@ def prepare_fineweb(
     return out_dir
 
 
+def _no_documents(source: str, name: str | None, split: str, data_files) -> ValueError:
+    return ValueError(
+        f"{source} (name={name}, split={split}, data_files={data_files}) produced no documents (an empty file?); "
+        "check --source, --name, --split and --data-files"
+    )
+
+
+def first_bad_json_line(data_files) -> str | None:
+    """'FILE line N is not valid JSON (why)' for the first broken line of local JSON Lines files, else None.
+
+    `datasets` reports a parse error by its position in an Arrow block, which points nowhere in the file; this
+    re-reads the files only after such an error, to name the line to fix.
+    """
+    for path in [Path(f) for f in _normalize_data_files(data_files) or []]:
+        if not path.is_file() or path.suffix not in (".json", ".jsonl"):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except json.JSONDecodeError as e:
+                    if number == 1 and line.lstrip().startswith("["):
+                        break  # one JSON document spread over lines, not JSON Lines: no line to blame
+                    return f"{path} line {number} is not valid JSON ({e.msg} at column {e.colno})"
+    return None
+
+
+def _add_missing_checksums(out_dir: Path, manifest: dict) -> None:
+    """Record the sha256 of shards written before manifests held checksums, as the files are now."""
+    checksums = manifest.setdefault(CHECKSUMS, {})
+    missing = [name for name in manifest["shards"] if name not in checksums]
+    for name in tqdm(missing, desc=f"recording checksums of the shards in {out_dir}", disable=not missing):
+        checksums[name] = file_sha256(out_dir / name)
+    if missing:
+        _write_json_atomic(out_dir / MANIFEST, manifest)
+
+
 def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_size: int, num_proc: int, max_docs):
     """Stream documents from the manifest's position on into shards, updating the manifest after each shard."""
     buf = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
     fill = 0
     skip = manifest["token_offset"]  # tokens of the first document that are already in the previous shard
+    manifest.setdefault("null_texts", 0)  # rows without text: skipped, counted up to the manifest's position
 
     def finish_shard(docs_done: int, token_offset: int, batch_first: int, batch_state, batch_sha1) -> None:
         index = len(manifest["shards"])
-        write_shard(out_dir / shard_name(index), buf[:fill])
+        manifest.setdefault(CHECKSUMS, {})[shard_name(index)] = write_shard(out_dir / shard_name(index), buf[:fill])
         manifest["shards"].append(shard_name(index))
         manifest.update(docs_done=docs_done, token_offset=token_offset, tokens=manifest["tokens"] + fill)
         manifest.update(stream_doc=batch_first, stream_state=batch_state, stream_doc_sha1=batch_sha1)
@@ -275,6 +343,7 @@ def _fill_shards(out_dir: Path, manifest: dict, load, text_field: str, shard_siz
                 break
             batch_first, batch_state, batch_sha1, token_arrays = pending.popleft()
             for doc_index, tokens in enumerate(token_arrays, start=batch_first):
+                manifest["null_texts"] += len(tokens) == 0  # only a null text has no tokens (a document has its EOT)
                 pos, skip = skip, 0
                 while pos < len(tokens):  # a long document may fill several shards
                     n = min(shard_size - fill, len(tokens) - pos)
@@ -336,16 +405,23 @@ def prepare(cfg) -> Path:
     manifest_path = out_dir / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
+        # the same settings the prep started with: rerunning them resumes it, or records missing checksums
+        m = manifest
+        again = prepare_command(
+            m["source"], m["name"], m["split"], m["text_field"], out_dir, m["shard_size"], cfg.num_proc,
+            m["data_files"], m["max_docs"],
+        )  # fmt: skip
         if not manifest.get("complete"):
-            m = manifest  # the resume must repeat the settings the prep started with
-            resume = prepare_command(
-                m["source"], m["name"], m["split"], m["text_field"], out_dir, m["shard_size"], cfg.num_proc,
-                m["data_files"], m["max_docs"],
-            )  # fmt: skip
             raise FileNotFoundError(
                 f"the shards in {out_dir} (data.path) are unfinished ({len(manifest['shards'])} written); rerun "
-                f"`{resume}` to continue where it stopped"
+                f"`{again}` to continue where it stopped"
             )
+        if CHECKSUMS not in manifest:
+            log.warning(
+                "the shards in %s were prepared before gpt2x-prepare recorded checksums, so they are used unchecked; "
+                "rerun `%s` to record the checksums of the shards as they are now (or prepare them again into a new "
+                "--out to be sure they are intact)", out_dir, again,
+            )  # fmt: skip
         if (manifest["source"], manifest["name"], manifest["split"]) != (cfg.hf_path, cfg.hf_name, cfg.hf_split):
             raise ValueError(
                 f"{out_dir} (data.path) holds {manifest['source']} name={manifest['name']} split={manifest['split']}, "

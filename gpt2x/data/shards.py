@@ -3,6 +3,11 @@
 A prepared dataset is a directory of uint16 `.npy` shards, `train_000000.npy, ...` and `val_000000.npy, ...`
 (GPT-2's 50257 ids fit in 16 bits, half the disk and memory of int32). `prepare_token_shards` tokenizes documents
 into such a directory, cached by content; `ShardLoader` walks the shards like build-nanogpt's DataLoaderLite.
+
+The directory's manifest (`meta.json` for cached corpora, `manifest.json` for gpt2x-prepare's shards) records the
+sha256 of every shard under "shard_sha256". The loader checks a shard against it, and checks that its ids are in
+GPT-2's vocabulary, when the shard is first opened in a run: a corrupted or swapped shard stops the run naming it,
+instead of training silently on wrong tokens or failing later in the embedding.
 """
 
 import hashlib
@@ -17,15 +22,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gpt2x.data.tokenizer import EOT, gpt2_encoding
+from gpt2x.data.tokenizer import EOT, N_VOCAB, gpt2_encoding
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+CHECKSUMS = "shard_sha256"  # manifest key: {shard file name: sha256 of its bytes}
+MANIFESTS = ("manifest.json", "meta.json")  # gpt2x-prepare's, prepare_token_shards'
 
 
-def write_shard(path: str | os.PathLike, tokens) -> None:
-    """Save `tokens` as a 1-D uint16 .npy file, atomically (a crash never leaves a half-written shard)."""
+def write_shard(path: str | os.PathLike, tokens) -> str:
+    """Save `tokens` as a 1-D uint16 .npy file, atomically (a crash never leaves a half-written shard).
+
+    Returns the sha256 of the file, for the directory's manifest.
+    """
     path = Path(path)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -38,7 +48,52 @@ def write_shard(path: str | os.PathLike, tokens) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "wb") as f:  # a file object, because np.save(str) would append ".npy" to the tmp name
         np.save(f, tokens.astype(np.uint16))
+    digest = file_sha256(tmp)
     os.replace(tmp, path)
+    return digest
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks (a 100M-token shard is 200 MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checksums(directory: str | os.PathLike) -> tuple[Path | None, dict[str, str] | None]:
+    """The shard directory's manifest and its {shard name: sha256}; (None, None) without a manifest and
+    (manifest, None) for one written before gpt2x recorded checksums."""
+    for name in MANIFESTS:
+        path = Path(directory) / name
+        if path.is_file():
+            return path, json.loads(path.read_text()).get(CHECKSUMS)
+    return None, None
+
+
+def check_shard(path: Path, tokens: np.ndarray, manifest: Path | None, checksums: dict[str, str] | None) -> None:
+    """Fail naming `path` if it is not the shard its manifest recorded, or holds ids outside GPT-2's vocabulary."""
+    if checksums is not None:
+        fix = (
+            f"delete {path.parent} and it is tokenized again"
+            if manifest.name == "meta.json"
+            else f"restore it, or rerun gpt2x-prepare with the settings in {manifest} into a new --out"
+        )
+        if path.name not in checksums:
+            raise ValueError(f"token shard {path} is not listed in {manifest}, so it was not written with the others; "
+                             f"remove it, or {fix}")  # fmt: skip
+        actual = file_sha256(path)
+        if actual != checksums[path.name]:
+            raise ValueError(
+                f"token shard {path} has sha256 {actual}, but {manifest} records {checksums[path.name]}: the file "
+                f"was corrupted or swapped for another since it was written; {fix}"
+            )
+    if tokens.size and (top := int(tokens.max())) >= N_VOCAB:
+        raise ValueError(
+            f"token shard {path} holds token id {top} at position {int(tokens.argmax())}, outside GPT-2's vocabulary "
+            f"(ids < {N_VOCAB}); it is corrupted or was made with another tokenizer"
+        )
 
 
 def load_shard(path: str | os.PathLike, mmap: bool = False) -> np.ndarray:
@@ -70,16 +125,20 @@ def shard_paths(directory: str | os.PathLike, split: str) -> list[Path]:
     return paths
 
 
-def write_split_shards(directory: Path, split: str, tokens: np.ndarray, shard_size: int) -> None:
+def write_split_shards(directory: Path, split: str, tokens: np.ndarray, shard_size: int) -> dict[str, str]:
     """Cut one split into `<split>_NNNNNN.npy` shards of `shard_size` tokens, the last one taking the remainder.
+    Returns {shard name: sha256}.
 
     Folding the remainder into the last shard (instead of writing a short one) keeps every shard at least
     `shard_size` long, so one batch window fits in any shard whenever it fits in the first.
     """
     n_shards = max(1, len(tokens) // shard_size)
+    checksums = {}
     for i in range(n_shards):
         end = (i + 1) * shard_size if i < n_shards - 1 else len(tokens)
-        write_shard(directory / f"{split}_{i:06d}.npy", tokens[i * shard_size : end])
+        name = f"{split}_{i:06d}.npy"
+        checksums[name] = write_shard(directory / name, tokens[i * shard_size : end])
+    return checksums
 
 
 def cache_key(*parts) -> str:
@@ -93,7 +152,18 @@ def cache_key(*parts) -> str:
 
 
 def _publish_dir(tmp: Path, final: Path) -> Path:
-    """Rename the fully written `tmp` dir to `final`; if another process (a DDP rank) got there first, keep theirs."""
+    """Rename the fully written `tmp` dir to `final`; if another process (a DDP rank) got there first, keep theirs.
+
+    A `final` made before shards had checksums is replaced (moved aside, then deleted).
+    """
+    manifest, checksums = read_checksums(final)
+    if manifest is not None and checksums is None:
+        old = final.with_name(f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.old")
+        try:
+            os.rename(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        except FileNotFoundError:  # another process moved it aside first
+            pass
     try:
         os.rename(tmp, final)
     except OSError:
@@ -122,7 +192,9 @@ def prepare_token_shards(cfg, documents: Sequence[str]) -> Path:
         text_hash.update(data)
     final = Path(cfg.cache_dir) / cfg.name / cache_key(text_hash.digest(), enc.name, cfg.val_fraction, cfg.shard_size)
     if final.is_dir():
-        return final
+        if read_checksums(final)[1] is not None:
+            return final
+        log.info("re-tokenizing %s: it was cached before shards had checksums", final)
 
     stream: list[int] = []
     for i, ids in enumerate(enc.encode_ordinary_batch(list(documents))):
@@ -142,8 +214,8 @@ def prepare_token_shards(cfg, documents: Sequence[str]) -> Path:
     tmp = final.parent / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     tmp.mkdir()
     try:
-        write_split_shards(tmp, "train", tokens[:-n_val], cfg.shard_size)
-        write_split_shards(tmp, "val", tokens[-n_val:], cfg.shard_size)
+        checksums = write_split_shards(tmp, "train", tokens[:-n_val], cfg.shard_size)
+        checksums |= write_split_shards(tmp, "val", tokens[-n_val:], cfg.shard_size)
         meta = {
             "dataset": cfg.name,
             "tokenizer": enc.name,
@@ -154,6 +226,7 @@ def prepare_token_shards(cfg, documents: Sequence[str]) -> Path:
             "val_fraction": cfg.val_fraction,
             "shard_size": cfg.shard_size,
             "text_sha256": text_hash.hexdigest(),
+            CHECKSUMS: checksums,
         }
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         return _publish_dir(tmp, final)
@@ -208,6 +281,8 @@ class ShardLoader:
                 log.warning("skipping token shard %s: %d tokens is less than one step (%d)", path, sizes[path],
                             self.window + 1)  # fmt: skip
         self.shard_paths = usable
+        self.manifests = {d: read_checksums(d) for d in {path.parent for path in self.shard_paths}}
+        self.checked: set[Path] = set()  # shards verified in this run (each is hashed once, when first opened)
         self.reset()
 
     def _order(self, epoch: int) -> list[int]:
@@ -219,7 +294,11 @@ class ShardLoader:
     def _load(self, epoch: int, shard_index: int, position: int) -> None:
         self.epoch, self.shard_index, self.position = epoch, shard_index, position
         self.order = self._order(epoch)
-        self.tokens = load_shard(self.shard_paths[self.order[shard_index]], mmap=True)
+        path = self.shard_paths[self.order[shard_index]]
+        self.tokens = load_shard(path, mmap=True)
+        if path not in self.checked:
+            check_shard(path, self.tokens, *self.manifests[path.parent])
+            self.checked.add(path)
 
     def reset(self) -> None:
         """Go back to the first window of the first shard of epoch 0."""

@@ -31,6 +31,18 @@ def text_files(path: str) -> list[Path]:
     return files
 
 
+def read_utf8(path: Path) -> str:
+    """The text of `path`, or a ValueError naming the file and the byte offset where it stops being UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path} is not UTF-8 text: byte offset {e.start} ({data[e.start : e.start + 4]!r}...: {e.reason}); "
+            "convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or leave it out of data.path"
+        ) from None
+
+
 def prepare(cfg) -> Path:
     """Tokenize the files at data.path (sorted, EOT between files) into cached train/val shards."""
-    return prepare_token_shards(cfg, [f.read_text(encoding="utf-8") for f in text_files(cfg.path)])
+    return prepare_token_shards(cfg, [read_utf8(f) for f in text_files(cfg.path)])

@@ -7,6 +7,7 @@ leaves the previous checkpoint intact and nothing partial under a `step_*.pt` na
 """
 
 import datetime
+import errno
 import logging
 import os
 import random
@@ -70,6 +71,25 @@ def _remove_stale_temps(ckpt_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+_OUT_OF_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (the filesystem's or the process's file size limit, ulimit -f)",
+}
+
+
+def _out_of_space(error: BaseException) -> OSError | None:
+    """The out-of-space OSError behind `error`, if any: torch.save reports it as a RuntimeError from its zip
+    writer, with the OSError of the failed write as the exception's context."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _OUT_OF_SPACE:
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def save(ckpt_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path:
     """Write `state` to `ckpt_dir/step_{step:06d}.pt` atomically, then delete all but the newest `keep` checkpoints.
 
@@ -89,8 +109,15 @@ def save(ckpt_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path
             f.flush()
             os.fsync(f.fileno())  # the bytes must be on disk before the rename makes them "the" checkpoint
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if (full := _out_of_space(e)) is not None:
+            raise OSError(
+                full.errno,
+                f"{_OUT_OF_SPACE[full.errno]} while saving checkpoint {final}; the checkpoints already in {ckpt_dir} "
+                "are intact. Free space there (or lower keep_checkpoints, or point hydra.run.dir at a larger disk) "
+                "and resume with resume=auto",
+            ) from e
         raise
     _fsync_dir(ckpt_dir)
 

@@ -144,7 +144,10 @@ def peak_flops(
     cache = Path(cache_dir).expanduser() / "peak_flops.json" if cache_dir else None
     cached = _read_json(cache)
     if probe == "cached" and key in cached:
-        return cached[key], f"matmul probe ({key_name}, cached)"
+        if _is_peak(cached[key]):
+            return float(cached[key]), f"matmul probe ({key_name}, cached)"
+        # hand-edited or damaged: a negative or text peak would make every MFU of the run wrong
+        log.warning("%s holds %r for %s, not a positive FLOP/s figure; measuring again", cache, cached[key], key)
     measured = measure_matmul_flops(dtype, device)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +155,11 @@ def peak_flops(
         tmp.write_text(json.dumps({**_read_json(cache), key: measured}, indent=1))
         os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
     return measured, f"matmul probe ({key_name}, {'fresh' if probe == 'fresh' else 'first measurement'})"
+
+
+def _is_peak(value) -> bool:
+    """A usable peak: a finite positive number (JSON can hold a string, a negative, or a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
 
 
 def _read_json(path: Path | None) -> dict:

@@ -34,7 +34,7 @@ REPORT_FILES = ("sweep.csv", "sweep.md", "sweep.png")
 
 # CSV columns, in order: (key, meaning). Speed figures are the medians over the timed (post-warm-up) steps.
 CSV_COLUMNS = {
-    "job": "Hydra job number",
+    "job": "Hydra job number (empty for a single run)",
     "run": "rung name, or the overrides that set this run apart",
     "status": "ok, or failed (see error)",
     "ms_per_batch": "median wall time of one optimizer step (all micro-steps, device synced)",
@@ -62,15 +62,16 @@ CSV_COLUMNS = {
 def find_jobs(sweep_dir: Path) -> list[Path]:
     """Job dirs of a multirun: every dir below `sweep_dir` holding `.hydra/overrides.yaml`, in job-number order."""
     jobs = [p.parent.parent for p in Path(sweep_dir).glob("**/.hydra/overrides.yaml")]
-    return sorted(jobs, key=lambda d: (_job_num(d), str(d)))
+    return sorted(jobs, key=lambda d: (_job_num(d) is None, _job_num(d) or 0, str(d)))
 
 
-def _job_num(job_dir: Path) -> int:
+def _job_num(job_dir: Path) -> int | None:
+    """The Hydra job number of a multirun job; None for a single run (`hydra.job.num` is unset there)."""
     hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
     try:
         return int(OmegaConf.load(hydra_yaml).hydra.job.num)
     except Exception:  # noqa: BLE001 - an unreadable hydra.yaml falls back to the dir name
-        return int(job_dir.name) if job_dir.name.isdigit() else sys.maxsize
+        return int(job_dir.name) if job_dir.name.isdigit() else None
 
 
 def read_job(job_dir: Path) -> dict[str, Any]:
@@ -98,7 +99,10 @@ def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     for j in jobs:
         s = j["summary"] or {}
         own = [o for o in j["overrides"] if o not in common]
-        label = s.get("rung") or _rung_override(j["overrides"]) or " ".join(own) or f"run {j['job']}"
+        if j["job"] is None:  # a single run (gpt2x-report RUN_DIR): its own dir names it; overrides have a column
+            label = s.get("rung") or j["dir"].name
+        else:
+            label = s.get("rung") or _rung_override(j["overrides"]) or " ".join(own) or f"run {j['job']}"
         ok = "ms_per_batch" in s
         row = {k: s.get(k) for k in CSV_COLUMNS}
         row |= {
@@ -179,7 +183,7 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         else:
             ms = f"**{r['status']}**" + (f": {r['error'][:80]}" if r["error"] else "")
         cells = [
-            str(r["job"]),
+            "-" if r["job"] is None else str(r["job"]),
             r["run"],
             ms,
             _fmt(r["tokens_per_sec"], "int"),

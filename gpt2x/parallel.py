@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import logging
 import logging.config
 import os
@@ -83,6 +84,67 @@ def check_parallel(cfg: ParallelConfig, precision: PrecisionConfig, device: torc
         )
 
 
+def check_workers_fit_gpus(local_world_size: int, visible_gpus: int, backend: str, one_gpu_per_task: bool = False):
+    """Refuse, under NCCL, more ranks on a node than GPUs they can see: NCCL needs a GPU of its own for each rank,
+    and two ranks on one GPU fail inside init_process_group ("Duplicate GPU detected").
+
+    `one_gpu_per_task`: each rank is a SLURM task that may see only its own GPU (as device 0), so one visible GPU is
+    right whatever the number of ranks on the node.
+    """
+    if backend != "nccl" or local_world_size <= 1 or (one_gpu_per_task and visible_gpus == 1):
+        return
+    if local_world_size > visible_gpus:
+        raise ValueError(
+            f"{local_world_size} worker processes on this node (parallel.nproc_per_node, or torchrun's "
+            f"--nproc-per-node) but only {visible_gpus} visible GPU(s); NCCL runs one worker per GPU: set "
+            f"parallel.nproc_per_node<={visible_gpus}, or parallel=single"
+            + (" (this node has one GPU)" if visible_gpus == 1 else "")
+        )
+
+
+def compile_threads_per_worker(cpus: int, local_world_size: int) -> int:
+    """Inductor compile workers for one rank: its share of the node's CPUs, capped at inductor's own default of 32.
+
+    Each rank would otherwise start min(32, cpus) compile processes, 8 ranks x 32 on a 32-core node.
+    """
+    return max(1, min(32, cpus // max(1, local_world_size)))
+
+
+def limit_compile_threads(local_world_size: int) -> None:
+    """Give this rank its share of inductor's compile workers (TORCHINDUCTOR_COMPILE_THREADS), unless the user set it.
+
+    Ranks that are SLURM tasks already see only their own CPUs (cpus_per_task) and keep inductor's default.
+    """
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ or _is_slurm_task() or local_world_size <= 1:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = compile_threads_per_worker(cpus, local_world_size)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    import torch._inductor.config as inductor_config  # read the env at import: may have happened already
+
+    inductor_config.compile_threads = threads
+
+
+def _is_slurm_task() -> bool:
+    # a rank started by srun itself (hydra/launcher=slurm), not a worker of torchrun or gpt2x's own launcher
+    return "SLURM_PROCID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def process_group_options(cfg: ParallelConfig, device: torch.device) -> dict:
+    """Keyword arguments of init_process_group: backend, the collective timeout, and (CUDA) this rank's GPU."""
+    if cfg.timeout_minutes <= 0:
+        raise ValueError(
+            f"parallel.timeout_minutes={cfg.timeout_minutes:g} must be positive: the minutes a collective may wait "
+            "(e.g. 30)"
+        )
+    return {
+        "backend": cfg.backend or ("nccl" if device.type == "cuda" else "gloo"),
+        # a rank waiting in a collective longer than this aborts the job: it must outlast rank 0's checkpoint save
+        "timeout": datetime.timedelta(minutes=cfg.timeout_minutes),
+        "device_id": device if device.type == "cuda" else None,
+    }
+
+
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistInfo:
     """Join the process group of a multi-process run (RANK/WORLD_SIZE set by `launch`, torchrun or SLURM).
 
@@ -102,11 +164,15 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistInfo:
             "in the environment); start it with gpt2x-train (which starts parallel.nproc_per_node workers), with "
             "torchrun, or call gpt2x.parallel.launch(train, cfg, run_dir)"
         )
+    options = process_group_options(cfg, device)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    visible_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    check_workers_fit_gpus(local_world_size, visible_gpus, options["backend"], one_gpu_per_task=_is_slurm_task())
+    limit_compile_threads(local_world_size)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group exists, so NCCL binds this rank to its own GPU
     if not dist.is_initialized():
-        backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(**options)
     return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
 
 
@@ -290,6 +356,9 @@ def launch(fn, cfg: DictConfig, run_dir: Path):
         return fn(cfg, run_dir)
     if cfg.parallel.name == "fsdp" and n < 2:  # checked again in train(); here it fails before any worker starts
         raise ValueError(FSDP_NEEDS_TWO)
+    on_cuda = str(cfg.device).startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    backend = cfg.parallel.backend or ("nccl" if on_cuda else "gloo")
+    check_workers_fit_gpus(n, torch.cuda.device_count() if on_cuda else 0, backend)  # before starting any worker
 
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch

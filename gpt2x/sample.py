@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
+
+SAMPLE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None, autocast=contextlib.nullcontext):
     """Extend idx (B, T) int64 by max_new_tokens sampled tokens and return the (B, T + max_new_tokens) result.
 
     Each step feeds the last block_size tokens, keeps the top_k logits (None or 0: all), divides by temperature and
     samples with `generator` (a torch.Generator on idx's device, for reproducible samples). temperature=0 is greedy
-    argmax. The model runs in eval mode and is put back in the train/eval mode it had. Works on a plain GPT, a
-    torch.compile'd one or a DDP/FSDP wrapper (the config is found on `.module`).
+    argmax. Each forward pass runs inside `autocast()` (the run's precision: a flash kernel has no fp32 on CUDA). The
+    model runs in eval mode and is put back in the train/eval mode it had. Works on a plain GPT, a torch.compile'd
+    one or a DDP/FSDP wrapper (the config is found on `.module`).
     """
     block_size = _unwrap(model).config.block_size
     was_training = model.training
@@ -21,7 +29,8 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     try:
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= block_size else idx[:, -block_size:]
-            logits, _ = model(idx_cond)
+            with autocast():
+                logits, _ = model(idx_cond)
             logits = logits[:, -1, :].float()  # (B, vocab_size)
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
@@ -54,26 +63,56 @@ def sample_texts(
     temperature: float = 1.0,
     seed: int = 0,
     device: str | torch.device = "cpu",
+    autocast=contextlib.nullcontext,
 ) -> list[str]:
-    """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own)."""
+    """`num_samples` continuations of `prompt` as text, reproducible for a seed (a generator of their own); each forward
+    pass inside `autocast()`."""
     from gpt2x.tokenizer import gpt2_encoding
 
     enc = gpt2_encoding()
     idx = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device).unsqueeze(0).repeat(num_samples, 1)
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=gen)
+    out = generate(model, idx, max_tokens, temperature=temperature, top_k=top_k, generator=gen, autocast=autocast)
     return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]  # padding ids have no text
 
 
-def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu"):
-    """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir)."""
+def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype to sample in: `auto` is bfloat16 on a GPU with bfloat16 units, else float32."""
+    if name not in SAMPLE_DTYPES:
+        raise ValueError(f"--dtype {name!r} is not supported; valid: {', '.join(SAMPLE_DTYPES)}")
+    if name == "auto":
+        native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float32
+    return getattr(torch, name)
+
+
+def sampling_attention(trained: str, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
+    """The trained attention kernel if it runs on (device, dtype), else sdpa (PyTorch picks a backend that does).
+
+    The kernel is not part of the weights: a model trained with attention=flash under bf16 samples just as well with
+    sdpa in fp32, where flash has no CUDA kernel.
+    """
+    from gpt2x.attention import check_attention
+
+    try:
+        check_attention(trained, device, dtype, head_dim)
+        return trained
+    except ValueError as e:
+        log.info("sampling with attention=sdpa instead of the trained %s: %s", trained, e)
+        return "sdpa"
+
+
+def load_model(checkpoint_path: str | None, pretrained: str | None, device: str = "cpu", dtype=torch.float32):
+    """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir), with an
+    attention kernel that runs on `device` in `dtype`."""
     from gpt2x import checkpoint
     from gpt2x.model import GPT, GPTConfig
 
     if bool(checkpoint_path) == bool(pretrained):
         raise ValueError("give exactly one of --checkpoint PATH or --pretrained NAME_OR_DIR")
+    device = torch.device(device)
     if pretrained:
-        model = GPT.from_pretrained(pretrained)
+        model = GPT.from_pretrained(pretrained)  # attention=sdpa: runs everywhere
     else:
         state = checkpoint.load(checkpoint_path)
         m = state["config"]["model"]
@@ -84,7 +123,9 @@ def load_model(checkpoint_path: str | None, pretrained: str | None, device: str 
                 n_layer=m["n_layer"],
                 n_head=m["n_head"],
                 n_embd=m["n_embd"],
-                attention=state["config"]["attention"]["name"],
+                attention=sampling_attention(
+                    state["config"]["attention"]["name"], device, dtype, m["n_embd"] // m["n_head"]
+                ),
             )
         )
         model.load_state_dict(state["model"])
@@ -106,14 +147,29 @@ def main(argv: list[str] | None = None) -> list[str]:
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cpu")
+    dtype_help = "autocast dtype of the forward passes; auto = bfloat16 on a GPU that has it, else float32"
+    p.add_argument("--dtype", default="auto", choices=SAMPLE_DTYPES, help=dtype_help)
     args = p.parse_args(argv)
 
-    model = load_model(args.checkpoint, args.pretrained, args.device)
+    device = torch.device(args.device)
+    dtype = sampling_dtype(args.dtype, device)
+    model = load_model(args.checkpoint, args.pretrained, device, dtype)
+
+    def autocast():
+        if dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=dtype)
+
     texts = sample_texts(model, args.prompt, args.num_samples, args.max_tokens, args.top_k, args.temperature,
-                         args.seed, args.device)  # fmt: skip
+                         args.seed, device, autocast)  # fmt: skip
     for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}", flush=True)
     return texts
+
+
+def cli() -> None:
+    """The gpt2x-sample command: exit status 0 on success (a console script would print main's list and exit 1)."""
+    main()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from gpt2x.attention import check_attention
 from gpt2x.compile import apply_compile, check_compile
 from gpt2x.config import TrainConfig  # noqa: F401  (registers the schemas with Hydra's ConfigStore)
 from gpt2x.data import build_loader, prepare_dataset
+from gpt2x.extras import import_extra
 from gpt2x.logger import build_logger
 from gpt2x.metrics import (
     check_peak_settings,
@@ -32,6 +33,7 @@ from gpt2x.metrics import (
     peak_flops,
     peak_memory_bytes,
     reset_peak_memory,
+    run_and_release,
     synchronize,
     timing_summary,
 )
@@ -88,6 +90,8 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
         raise ValueError(f"model.n_embd={cfg.model.n_embd} is not divisible by model.n_head={cfg.model.n_head}")
     if cfg.optim.max_steps < 1:
         raise ValueError(f"optim.max_steps={cfg.optim.max_steps} must be at least 1")
+    if cfg.model.init_from:
+        import_extra("transformers", "hf", f"model.init_from={cfg.model.init_from}")
     grad_accum_steps(cfg, world_size)
     check_precision(cfg.precision, device)
     dtype = AUTOCAST_DTYPES.get(cfg.precision.autocast_dtype, torch.float32)
@@ -134,8 +138,9 @@ def evaluate(model, loader, steps: int, precision, device: torch.device) -> floa
     return parallel.all_reduce_mean(total / steps).item()
 
 
-def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
-    """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text."""
+def sample(model: GPT, cfg: DictConfig, precision, device: torch.device) -> list[str]:
+    """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text; under the run's
+    autocast like training, so a kernel that exists only in bf16/fp16 (flash on CUDA) runs here too."""
     return sample_texts(
         model,
         cfg.sample_prompt,
@@ -144,7 +149,16 @@ def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
         top_k=cfg.sample_top_k,
         seed=cfg.seed,
         device=device,
+        autocast=precision.autocast,
     )
+
+
+def host_to_device(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Copy CPU batches to `device`; on CUDA through pinned memory, where a non_blocking copy is really asynchronous
+    (from pageable memory it waits for the copy)."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 def is_due(step: int, interval: int, last: bool) -> bool:
@@ -246,7 +260,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist_info)
         # Under FSDP a forward pass is a collective (it gathers the weights), so every rank samples; rank 0 logs.
         if is_due(step, cfg.sample_interval, last) and (dist_info.is_main or parallel.is_fsdp(raw_model)):
-            logger.log_samples(step, sample(raw_model, cfg, device))
+            logger.log_samples(step, sample(raw_model, cfg, precision, device))
 
         # -- one optimizer step over `accum` micro-batches
         synchronize(device)
@@ -255,8 +269,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = host_to_device(*train_loader.next_batch(), device=device)
             with parallel.maybe_no_sync(model, sync=micro_step == accum - 1), precision.autocast():
                 _, loss = model(x, y, return_logits=False)  # only the loss: compiled, no logits are written out
             # The loss is a mean over one micro-batch; gradients add up over micro-steps, so divide to get the
@@ -361,7 +374,8 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the final val loss for sweepers."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    summary = parallel.launch(train, cfg, run_dir)
+    # runs of a multirun share this process: free each job's model and optimizer before the next, even if it failed
+    summary = run_and_release(parallel.launch, train, cfg, run_dir)
     return summary.get("final_val_loss", float("nan"))
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on an offline GPU node: install gpt2x from wheelhouse/ beside the node's own CUDA torch, then run every
-# CUDA path once, briefly (about 6-8 minutes on one H100), and write one table.
+# CUDA path once, briefly (budgeted for about 8 minutes on one H100; not yet timed on one), and write one table.
 #
 #   make wheelhouse                    # on a machine with PyPI access (experiments/gpu/wheelhouse.sh)
 #   experiments/gpu/check.sh           # on the GPU node, in the repository, with the node's torch on $PYTHON

@@ -55,6 +55,7 @@ failed=0
 run_step() {
   local name=$1 limit=$2 fn=$3 status rc t0 t1
   echo "== $name (limit ${limit} s)"
+  rm -f "$WORK/$name.ms" "$WORK/$name.note"
   t0=$(date +%s)
   timeout --kill-after=15 "$limit" bash -c "$fn" >"$WORK/logs/$name.log" 2>&1
   rc=$?
@@ -72,8 +73,7 @@ run_step() {
 
 # ms_per_batch RUN_DIR > FILE: the median ms/batch of a finished run, from its summary.json
 ms_per_batch() {
-  "$VENV/bin/python" -c 'import json, sys; print(f"{json.load(open(sys.argv[1]))[\"ms_per_batch\"]:.1f}")' \
-    "$1/summary.json"
+  "$VENV/bin/python" -c 'import json, sys; print("%.1f" % json.load(open(sys.argv[1]))["ms_per_batch"])' "$1/summary.json"
 }
 export -f ms_per_batch
 
@@ -89,7 +89,8 @@ install_from_wheelhouse() {
 }
 cuda_tests() { "$VENV/bin/python" -m pytest -q -m cuda tests/test_cuda.py -rs; }
 
-# a small bf16 + flash + compile run with a checkpoint at steps 3 and 6 (interval 3), then an exact resume from 3
+# a small bf16 + flash + compile run, checkpointed after 3 and 6 steps; then, without the second checkpoint, resume=auto
+# from the first must repeat steps 3-5
 checkpoint_resume() {
   local dir=$WORK/checkpoint
   rm -rf "$dir"
@@ -149,11 +150,12 @@ ladder_gpu() {
   local dir=$WORK/ladder_gpu
   rm -rf "$dir"
   # every rung, few steps, 2 micro-steps of 16 x 1024 (the ladder's 131072 tokens would take 8)
-  "$VENV/bin/gpt2x-train" -m +experiment=ladder_gpu optim.max_steps="$LADDER_STEPS" optim.warmup_steps=1 timing_warmup_steps=2 \
-    data.total_batch_size=32768 eval_steps=1 sample_max_tokens=8 hydra.sweep.dir="$dir"
+  "$VENV/bin/gpt2x-train" -m +experiment=ladder_gpu optim.max_steps="$LADDER_STEPS" optim.warmup_steps=1 \
+    timing_warmup_steps=2 data.total_batch_size=32768 eval_steps=1 sample_max_tokens=8 hydra.sweep.dir="$dir"
   echo "$LADDER_STEPS steps per rung, 32768 tokens per step; per rung below" >"$WORK/ladder_gpu.note"
 }
-export -f install_from_wheelhouse cuda_tests checkpoint_resume sample_flash_bf16 eval_hellaswag ddp_compile fp16_scaler_fused ladder_gpu
+export -f install_from_wheelhouse cuda_tests checkpoint_resume sample_flash_bf16 eval_hellaswag ddp_compile \
+  fp16_scaler_fused ladder_gpu
 
 run_step install 300 install_from_wheelhouse
 if [ "$failed" = 0 ]; then

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so a fresh machine without a GPU installs the CPU wheel instead of a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv train test lint ladder clean
+.PHONY: venv train test lint ladder wheelhouse clean
 
 venv: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,all]"
 	touch $@
 
 # The main job: a small GPT-2 on the embedded Shakespeare corpus, on whatever device is there.
@@ -29,6 +29,11 @@ lint: venv
 # The optimization ladder as a Hydra multirun (see experiments/ladder/README.md).
 ladder: venv
 	$(VENV)/bin/gpt2x-train -m +experiment=ladder $(ARGS)
+
+# Wheels of every core dependency except torch, for an offline GPU node with its own torch (experiments/gpu/README.md).
+# WHEEL_PYTHON=3.11 WHEEL_PLATFORM=manylinux_2_28_x86_64 WHEEL_EXTRAS=wandb,hf select another target or add extras.
+wheelhouse: venv
+	experiments/gpu/wheelhouse.sh wheelhouse
 
 clean:
 	rm -rf $(VENV) outputs

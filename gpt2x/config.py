@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from omegaconf import MISSING, OmegaConf
 
 CONFIG_PATH = "pkg://gpt2x.conf"  # conf/, installed as a package so that a wheel carries it
@@ -98,6 +99,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     fused: bool | None = None  # fused AdamW kernel; null = on where the device supports it (CUDA)
+    # multi-tensor (foreach) AdamW when not fused; null = PyTorch's choice (foreach on CUDA), false = per-tensor loop
+    foreach: bool | None = None
 
 
 @dataclass
@@ -108,7 +111,7 @@ class PrecisionConfig:
     autocast_dtype: str | None = None  # bfloat16 / float16 autocast; null = no autocast
     matmul_precision: str = "highest"  # torch.set_float32_matmul_precision: highest, high (TF32), medium
     grad_scaler: bool = False  # loss scaling, needed for float16's narrow exponent range
-    allow_slow: bool = False  # run float16 on a CPU anyway, although it is tens to hundreds of times slower than fp32
+    allow_slow: bool = False  # run a mode known to be pathologically slow here (fp16 on CPU, emulated bf16)
 
 
 @dataclass
@@ -143,6 +146,9 @@ class ParallelConfig:
     nproc_per_node: int = 1  # worker processes gpt2x-train starts itself when not already launched by torchrun
     backend: str | None = None  # process group backend; null = nccl on CUDA, gloo on CPU
     reshard_after_forward: bool = True  # FSDP: free gathered params after forward (ZeRO-3) or keep them (ZeRO-2)
+    # how long a collective may wait before the process group aborts the job; long enough for rank 0 to write a
+    # gpt2-xl checkpoint (~19 GB) to slow storage while the other ranks wait (PyTorch's NCCL default is 10)
+    timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -200,6 +206,13 @@ class TrainConfig:
     peak_probe: str = "cached"  # where peak_flops comes from a matmul probe: cached (measure once), fresh (every run)
 
 
+@dataclass
+class SlurmLauncherConfig(SlurmQueueConf):
+    """hydra/launcher=slurm: the submitit plugin's SLURM schema plus submitit's `srun_args`, which plugin 1.2 lacks."""
+
+    srun_args: list[str] | None = None  # extra arguments of the srun line that starts the tasks
+
+
 GROUPS = {
     "model": ModelConfig,
     "optim": OptimConfig,
@@ -237,6 +250,7 @@ def register_configs() -> None:
         cs.store(group=f"schema/{group}", name="base", node=schema)
     for name, schema in DATA_SCHEMAS.items():
         cs.store(group="schema/data", name=name, node=schema)
+    cs.store(group="hydra/launcher", name="base_slurm", node=SlurmLauncherConfig, provider="gpt2x")
 
 
 def config_choices() -> dict[str, list[str]]:

@@ -34,6 +34,7 @@ from gpt2x.run.metrics import (
     peak_flops,
     peak_memory_bytes,
     reset_peak_memory,
+    run_and_release,
 )
 from gpt2x.run.record import build_run_record, run_summary, write_run_record
 from gpt2x.run.rundir import check_run_dir, last_logged_step, restore_hydra_config
@@ -83,8 +84,9 @@ def evaluate(model, loader, steps: int, precision, device: torch.device) -> floa
     return parallel.all_reduce_mean(total / steps).item()
 
 
-def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
-    """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text."""
+def sample(model: GPT, cfg: DictConfig, precision, device: torch.device) -> list[str]:
+    """A few top-k samples from a fixed seed, so the same checkpoint always prints the same text; under the run's
+    autocast like training, so a kernel that exists only in bf16/fp16 (flash on CUDA) runs here too."""
     return sample_texts(
         model,
         cfg.sample_prompt,
@@ -93,7 +95,16 @@ def sample(model: GPT, cfg: DictConfig, device: torch.device) -> list[str]:
         top_k=cfg.sample_top_k,
         seed=cfg.seed,
         device=device,
+        autocast=precision.autocast,
     )
+
+
+def host_to_device(*tensors: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """Copy CPU batches to `device`; on CUDA through pinned memory, where a non_blocking copy is really asynchronous
+    (from pageable memory it waits for the copy)."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -134,7 +145,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist)
         # Under FSDP a forward pass is a collective (it gathers the weights), so every rank samples; rank 0 logs.
         if is_due(step, cfg.sample_interval, last) and (dist.is_main or parallel.is_fsdp(raw_model)):
-            logger.log_samples(step, sample(raw_model, cfg, device))
+            logger.log_samples(step, sample(raw_model, cfg, precision, device))
 
         # -- one optimizer step over `accum` micro-batches
         timer.start()
@@ -142,8 +153,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(accum):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = host_to_device(*train_loader.next_batch(), device=device)
             with parallel.maybe_no_sync(model, sync=micro_step == accum - 1), precision.autocast():
                 _, loss = model(x, y, return_logits=False)  # only the loss: compiled, no logits are written out
             # The loss is a mean over one micro-batch; gradients add up over micro-steps, so divide to get the
@@ -255,7 +265,8 @@ def main(cfg: DictConfig) -> float | None:
     validate(cfg, resolve_device(cfg.device), launch.world_size_to_launch(cfg))
     check_run_dir(run_dir, cfg.resume)
     try:
-        summary = launch.launch(train, cfg, run_dir)
+        # runs of a multirun share this process: free each job's model and optimizer before the next, even if it failed
+        summary = run_and_release(launch.launch, train, cfg, run_dir)
     except ResumeError:
         restore_hydra_config(run_dir)  # the refused resume leaves the run's config as it was
         raise

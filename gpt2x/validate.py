@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from gpt2x.data import DATASETS
 from gpt2x.data.tokenizer import N_VOCAB
+from gpt2x.extras import import_extra
 from gpt2x.model.attention import check_attention
 from gpt2x.model.loss import LOSSES
 from gpt2x.run.metrics import check_peak_settings
@@ -67,6 +68,8 @@ def _check_model_and_data(cfg: DictConfig) -> None:
         )
     if m.n_embd % m.n_head:
         raise ValueError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    if m.init_from:
+        import_extra("transformers", "hf", f"model.init_from={m.init_from}")
 
 
 def _check_run_keys(cfg: DictConfig) -> None:

@@ -84,3 +84,15 @@ def run_train(run_dir: Path, overrides: list[str] | None = None) -> dict:
     cfg = compose(TINY + (overrides or []))
     run_dir.mkdir(parents=True, exist_ok=True)
     return train(cfg, run_dir)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: where torch sees none they are skipped, and the skip says why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU; torch {torch.__version__} sees none here")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

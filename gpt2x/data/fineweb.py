@@ -97,7 +97,10 @@ def _normalize_data_files(data_files) -> list[str] | None:
 
 
 def _load_stream(source: str, name: str | None, split: str, data_files):
-    from datasets import load_dataset  # imported here: `datasets` is slow to import and only prep needs it
+    from gpt2x.extras import import_extra
+
+    # imported here: `datasets` is slow to import, and only prep needs it
+    load_dataset = import_extra("datasets", "prepare", "gpt2x-prepare").load_dataset
 
     return load_dataset(source, name=name, split=split, data_files=data_files, streaming=True)
 

@@ -21,7 +21,10 @@ def from_pretrained(name_or_dir, attention: str = "sdpa", loss: str = "plain", *
     checkpoint's, position embeddings are cropped). Architecture fields (n_layer, n_head, n_embd) may be passed only
     if they equal the checkpoint's.
     """
-    from transformers import AutoConfig, GPT2LMHeadModel
+    from gpt2x.extras import import_extra
+
+    transformers = import_extra("transformers", "hf", "model.init_from / gpt2x-sample --pretrained")
+    AutoConfig, GPT2LMHeadModel = transformers.AutoConfig, transformers.GPT2LMHeadModel
 
     try:
         hf_config = AutoConfig.from_pretrained(name_or_dir)
@@ -81,7 +84,10 @@ def from_pretrained(name_or_dir, attention: str = "sdpa", loss: str = "plain", *
 def export_hf(model: GPT, out_dir):
     """Write a transformers GPT2LMHeadModel directory (config.json + safetensors) holding `model`'s weights,
     with padding rows dropped so vocab_size is the real one. Load it back with GPT2LMHeadModel.from_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from gpt2x.extras import import_extra
+
+    transformers = import_extra("transformers", "hf", "export_hf")
+    GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
     c = model.config
     hf_config = GPT2Config(

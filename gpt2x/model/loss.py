@@ -41,10 +41,10 @@ class LinearCrossEntropy(torch.autograd.Function):
             total = total + torch.where(valid & target, lse - logits, 0.0).sum()
             if need_grad:
                 # d(sum of CE)/d logits = softmax - one_hot(target), zero for ignored tokens
-                grad_logits = torch.where(valid, torch.exp(logits - lse) - target.float(), 0.0).to(mm_dtype)  # (n, V)
-                grad_x.append((grad_logits @ weight).to(x.dtype))  # (n, C)
-                gw = (grad_logits.t() @ xc).float()  # (V, C), summed over chunks in fp32
-                grad_w = gw if grad_w is None else grad_w + gw
+                grad_logits = torch.where(valid, torch.exp(logits - lse) - target.float(), 0.0)  # (n, V) fp32
+                gx, gw = _logit_grad_matmuls(grad_logits, weight, xc, mm_dtype)
+                grad_x.append(gx.to(x.dtype))  # (n, C)
+                grad_w = gw if grad_w is None else grad_w + gw  # (V, C), summed over chunks in fp32
         count = (targets != IGNORE_INDEX).sum().clamp(min=1)
         if need_grad:
             ctx.save_for_backward(torch.cat(grad_x) / count, (grad_w / count).to(weight.dtype))
@@ -54,6 +54,20 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+
+
+def _logit_grad_matmuls(grad_logits, weight, xc, mm_dtype):
+    """(grad_logits @ weight, grad_logits.T @ xc in fp32): the gradients of the hidden states and the output weight.
+
+    Under bf16 the matmuls run in bf16 like the forward's. Under fp16 they run in fp32: these gradients are computed
+    here, before GradScaler's scale reaches them (it arrives in backward, as grad_loss), and fp16's narrow range
+    would flush the small softmax probabilities of most of the vocabulary (< 6e-8) to zero.
+    """
+    if mm_dtype != torch.float16:
+        grad_logits = grad_logits.to(mm_dtype)
+        return grad_logits @ weight, (grad_logits.t() @ xc).float()
+    with torch.autocast(device_type=grad_logits.device.type, enabled=False):
+        return grad_logits @ weight.float(), grad_logits.t() @ xc.float()
 
 
 def linear_cross_entropy(x, weight, targets, n_valid: int | None = None, chunk_size: int = 4096):

@@ -26,7 +26,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> tor
     fused = cfg.fused if cfg.fused is not None else (fused_available and device_type == "cuda")
     if fused and not fused_available:
         raise ValueError("optim.fused=true but this torch has no fused AdamW; set optim.fused=false")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=bool(fused))
+    if fused and cfg.foreach:
+        raise ValueError("optim.fused=true and optim.foreach=true exclude each other; set optim.foreach=false or null")
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=bool(fused), foreach=cfg.foreach
+    )
 
 
 def lr_at(step: int, cfg: OptimConfig) -> float:

@@ -148,7 +148,7 @@ def _corrupt(path: Path, why: str) -> CheckpointError:
 
 
 def load(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) -> dict:
-    """Load a checkpoint onto the CPU with `weights_only=True`, after checking every record's CRC32.
+    """Load a checkpoint onto the CPU with `weights_only=True`, memory-mapped, after checking every record's CRC32.
 
     Raises FileNotFoundError if `path` does not exist and CheckpointError if it is truncated, tampered with, not a
     torch checkpoint, or lacks any of `required_keys`.
@@ -165,7 +165,9 @@ def load(path: str | os.PathLike, required_keys: Iterable[str] = REQUIRED_KEYS) 
     if bad_record is not None:
         raise _corrupt(path, f"CRC mismatch in record {bad_record!r}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors stay in the file's pages, read on first use, so the ranks of one node that resume from the same
+        # file share the page cache instead of each holding a private copy of it (8 x 19 GB for gpt2-xl under FSDP)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
         raise _corrupt(path, f"{type(e).__name__}: {e}") from e
     if not isinstance(state, dict):

@@ -9,6 +9,7 @@ is at that moment, not as it was when the cache was filled).
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -28,17 +30,49 @@ log = logging.getLogger(__name__)
 
 PEAK_PROBES = ("cached", "fresh")
 
-# Dense (no sparsity) peak FLOP/s from the vendors' data sheets, per compute dtype. Matched by substring of
-# torch.cuda.get_device_name(); the first match wins, so more specific names come first.
+# Dense (no sparsity: the data sheets' "with sparsity" figures halved) peak FLOP/s per compute dtype, from the vendors'
+# data sheets. Keyed by the exact torch.cuda.get_device_name(): a substring would match "NVIDIA L4" inside
+# "NVIDIA L40S" and "A100" inside "NVIDIA RTX A1000". GeForce/RTX cards list the rate with fp32 accumulation (what
+# autocast's matmuls use). GPUs without TF32 units list their fp32 rate under tf32 (matmuls stay fp32 there), and
+# V100/T4 list no bfloat16 (it is emulated and refused; see gpt2x/precision.py).
+_HOPPER_SXM = {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12}
+_HOPPER_PCIE = {"float32": 51e12, "tf32": 378e12, "bfloat16": 756e12, "float16": 756e12}
+_HOPPER_NVL = {"float32": 60e12, "tf32": 417.5e12, "bfloat16": 835.5e12, "float16": 835.5e12}
+_AMPERE_100 = {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12, "float16": 312e12}
+_A10 = {"float32": 31.2e12, "tf32": 62.5e12, "bfloat16": 125e12, "float16": 125e12}
+_V100_SXM = {"float32": 15.7e12, "tf32": 15.7e12, "float16": 125e12}
+_V100_PCIE = {"float32": 14e12, "tf32": 14e12, "float16": 112e12}
 GPU_PEAK_FLOPS = {
-    "H200": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12},
-    "H100 PCIe": {"float32": 51e12, "tf32": 378e12, "bfloat16": 756e12, "float16": 756e12},
-    "H100": {"float32": 67e12, "tf32": 494.7e12, "bfloat16": 989.4e12, "float16": 989.4e12},
-    "A100": {"float32": 19.5e12, "tf32": 156e12, "bfloat16": 312e12, "float16": 312e12},
-    "A10G": {"float32": 31.2e12, "tf32": 62.5e12, "bfloat16": 125e12, "float16": 125e12},
-    "L4": {"float32": 30.3e12, "tf32": 60e12, "bfloat16": 121e12, "float16": 121e12},
-    "RTX 4090": {"float32": 82.6e12, "tf32": 82.6e12, "bfloat16": 165.2e12, "float16": 165.2e12},
-    "V100": {"float32": 15.7e12, "tf32": 15.7e12, "bfloat16": 15.7e12, "float16": 125e12},
+    "NVIDIA B200": {"float32": 75e12, "tf32": 1125e12, "bfloat16": 2250e12, "float16": 2250e12},
+    "NVIDIA H200": _HOPPER_SXM,
+    "NVIDIA H200 NVL": _HOPPER_NVL,
+    "NVIDIA GH200 480GB": _HOPPER_SXM,
+    "NVIDIA H100 80GB HBM3": _HOPPER_SXM,
+    "NVIDIA H100": _HOPPER_SXM,  # the 64/94 GB SXM parts
+    "NVIDIA H100 PCIe": _HOPPER_PCIE,
+    "NVIDIA H100 NVL": _HOPPER_NVL,
+    "NVIDIA H800": _HOPPER_SXM,
+    "NVIDIA H800 PCIe": _HOPPER_PCIE,
+    "NVIDIA H20": {"float32": 44e12, "tf32": 74e12, "bfloat16": 148e12, "float16": 148e12},
+    "NVIDIA A100-SXM4-40GB": _AMPERE_100,
+    "NVIDIA A100-SXM4-80GB": _AMPERE_100,
+    "NVIDIA A100-PCIE-40GB": _AMPERE_100,
+    "NVIDIA A100 80GB PCIe": _AMPERE_100,
+    "NVIDIA A800-SXM4-80GB": _AMPERE_100,
+    "NVIDIA A800 80GB PCIe": _AMPERE_100,
+    "NVIDIA A10": _A10,
+    "NVIDIA A10G": _A10,
+    "NVIDIA L4": {"float32": 30.3e12, "tf32": 60e12, "bfloat16": 121e12, "float16": 121e12},
+    "NVIDIA L40": {"float32": 90.5e12, "tf32": 90.5e12, "bfloat16": 181e12, "float16": 181e12},
+    "NVIDIA L40S": {"float32": 91.6e12, "tf32": 183e12, "bfloat16": 362e12, "float16": 362e12},
+    "NVIDIA RTX A6000": {"float32": 38.7e12, "tf32": 77.4e12, "bfloat16": 154.8e12, "float16": 154.8e12},
+    "NVIDIA GeForce RTX 3090": {"float32": 35.6e12, "tf32": 35.6e12, "bfloat16": 71e12, "float16": 71e12},
+    "NVIDIA GeForce RTX 4090": {"float32": 82.6e12, "tf32": 82.6e12, "bfloat16": 165.2e12, "float16": 165.2e12},
+    "Tesla V100-SXM2-16GB": _V100_SXM,
+    "Tesla V100-SXM2-32GB": _V100_SXM,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
+    "Tesla T4": {"float32": 8.1e12, "tf32": 8.1e12, "float16": 65e12},
 }
 
 
@@ -63,11 +97,13 @@ def mfu(flops_per_tok: float, tokens_per_sec: float, peak: float) -> float:
 
 
 def gpu_peak_flops(device_name: str, dtype_key: str) -> float | None:
-    """Data-sheet peak for a known GPU, or None."""
-    for name, peaks in GPU_PEAK_FLOPS.items():
-        if name in device_name:
-            return peaks[dtype_key]
-    return None
+    """Data-sheet peak of a GPU named exactly `device_name` for `dtype_key`, or None (unknown GPU, MIG slice, or a
+    dtype its data sheet does not list).
+
+    A MIG slice ("NVIDIA H100 80GB HBM3 MIG 1g.10gb") has a fraction of the GPU's units, so it gets no data-sheet
+    figure; the probe measures what the slice does.
+    """
+    return GPU_PEAK_FLOPS.get(device_name.strip(), {}).get(dtype_key)
 
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device, seconds: float = 0.5) -> float:
@@ -133,10 +169,18 @@ def peak_flops(
     if override is not None:
         return float(override), "peak_flops setting"
     key_name = dtype_key(dtype, tf32)
+    why = ""  # on a GPU, why its data sheet was not used
     if device.type == "cuda":
-        known = gpu_peak_flops(torch.cuda.get_device_name(device), key_name)
+        gpu = torch.cuda.get_device_name(device)
+        known = gpu_peak_flops(gpu, key_name)
         if known is not None:
-            return known, f"data sheet ({torch.cuda.get_device_name(device)}, {key_name})"
+            return known, f"data sheet ({gpu}, {key_name})"
+        why = f"; {gpu}: " + ("a MIG slice" if " MIG " in f"{gpu} " else "no data-sheet entry")
+        log.warning(
+            "no data-sheet peak for %r (%s): MFU is measured against a matmul probe of this GPU, which is not "
+            "comparable with other GPUs' data-sheet MFU; set peak_flops=<FLOP/s> to use the data sheet's figure",
+            gpu, key_name,
+        )  # fmt: skip
     key = "|".join(
         [device.type, device_name(device), f"threads={torch.get_num_threads()}", key_name,
          f"matmul={torch.get_float32_matmul_precision()}"]
@@ -145,7 +189,7 @@ def peak_flops(
     cached = _read_json(cache)
     if probe == "cached" and key in cached:
         if _is_peak(cached[key]):
-            return float(cached[key]), f"matmul probe ({key_name}, cached)"
+            return float(cached[key]), f"matmul probe ({key_name}, cached{why})"
         # hand-edited or damaged: a negative or text peak would make every MFU of the run wrong
         log.warning("%s holds %r for %s, not a positive FLOP/s figure; measuring again", cache, cached[key], key)
     measured = measure_matmul_flops(dtype, device)
@@ -154,7 +198,7 @@ def peak_flops(
         tmp = cache.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps({**_read_json(cache), key: measured}, indent=1))
         os.replace(tmp, cache)  # atomic: concurrent runs never read half a file
-    return measured, f"matmul probe ({key_name}, {'fresh' if probe == 'fresh' else 'first measurement'})"
+    return measured, f"matmul probe ({key_name}, {'fresh' if probe == 'fresh' else 'first measurement'}{why})"
 
 
 def _is_peak(value) -> bool:
@@ -205,6 +249,29 @@ def reset_peak_memory(device: torch.device) -> None:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass  # not Linux: ru_maxrss below is the process-lifetime peak
+
+
+def run_and_release(fn, *args):
+    """`fn(*args)`, then free what the job held, also when it failed, so the next job of a multirun starts clean.
+
+    A raised exception keeps the frames of the failed job alive through its traceback, and with them its model,
+    optimizer and batches (GPU memory the next rung's peak_mem would include). Clearing those frames' locals keeps
+    the traceback printable (files, lines) but lets their tensors go; then the CUDA cache is returned and the peak
+    counter reset.
+    """
+    try:
+        return fn(*args)
+    except BaseException as e:
+        error: BaseException | None = e
+        while error is not None:  # the exception and the ones it was raised from or during
+            traceback.clear_frames(error.__traceback__)
+            error = error.__cause__ or error.__context__
+        raise
+    finally:
+        gc.collect()
+        if torch.cuda.is_initialized():  # never create a CUDA context in a launcher process that had none
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,10 @@ from torch import nn
 
 from gpt2x.config import CompileConfig
 
+log = logging.getLogger(__name__)
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # modes that also capture CUDA graphs on CUDA
 
 
 def check_compile(cfg: CompileConfig, device: torch.device | None = None) -> None:
@@ -34,6 +38,12 @@ def check_compile(cfg: CompileConfig, device: torch.device | None = None) -> Non
                 f"{', '.join(candidates)} is on PATH; install g++ (or set CXX) or use compile=none"
             )
     elif device.type == "cuda":
+        if cfg.mode in CUDA_GRAPH_MODES:
+            log.warning(
+                "compile=%s (mode=%s) captures CUDA graphs: under gradient accumulation and DDP's hooks they re-record "
+                "or fail, so the timing may not be what it seems; use compile=max-autotune-no-cudagraphs for training",
+                cfg.name, cfg.mode,
+            )  # fmt: skip
         from torch.utils._triton import has_triton
 
         if not has_triton():

@@ -9,6 +9,7 @@ the root with FSDP2's `fully_shard`, casting to the precision group's dtype for 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import shutil
@@ -67,11 +68,76 @@ def check_parallel(cfg: ParallelConfig, precision: PrecisionConfig, device: torc
             f"parallel=fsdp with precision={precision.name} (loss scaling) is not supported; use precision=bf16, "
             "or parallel=ddp for float16"
         )
+    if cfg.timeout_minutes <= 0:
+        raise ValueError(
+            f"parallel.timeout_minutes={cfg.timeout_minutes:g} must be positive: the minutes a collective may wait "
+            "(e.g. 30)"
+        )
+    if device.type == "cuda" and world_size > 1:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", cfg.nproc_per_node))
+        backend = cfg.backend or "nccl"
+        check_workers_fit_gpus(local, torch.cuda.device_count(), backend, one_gpu_per_task=_is_slurm_task())
     if cfg.backend == "nccl" and device.type != "cuda":
         raise ValueError(
             f"parallel.backend=nccl needs CUDA devices, but this run uses device={device}; "
             "set parallel.backend=gloo or leave it null (nccl on CUDA, gloo on CPU)"
         )
+
+
+def check_workers_fit_gpus(local_world_size: int, visible_gpus: int, backend: str, one_gpu_per_task: bool = False):
+    """Refuse, under NCCL, more ranks on a node than GPUs they can see: NCCL needs a GPU of its own for each rank,
+    and two ranks on one GPU fail inside init_process_group ("Duplicate GPU detected").
+
+    `one_gpu_per_task`: each rank is a SLURM task that may see only its own GPU (as device 0), so one visible GPU is
+    right whatever the number of ranks on the node.
+    """
+    if backend != "nccl" or local_world_size <= 1 or (one_gpu_per_task and visible_gpus == 1):
+        return
+    if local_world_size > visible_gpus:
+        raise ValueError(
+            f"{local_world_size} worker processes on this node (parallel.nproc_per_node, or torchrun's "
+            f"--nproc-per-node) but only {visible_gpus} visible GPU(s); NCCL runs one worker per GPU: set "
+            f"parallel.nproc_per_node<={visible_gpus}, or parallel=single"
+            + (" (this node has one GPU)" if visible_gpus == 1 else "")
+        )
+
+
+def compile_threads_per_worker(cpus: int, local_world_size: int) -> int:
+    """Inductor compile workers for one rank: its share of the node's CPUs, capped at inductor's own default of 32.
+
+    Each rank would otherwise start min(32, cpus) compile processes, 8 ranks x 32 on a 32-core node.
+    """
+    return max(1, min(32, cpus // max(1, local_world_size)))
+
+
+def limit_compile_threads(local_world_size: int) -> None:
+    """Give this rank its share of inductor's compile workers (TORCHINDUCTOR_COMPILE_THREADS), unless the user set it.
+
+    Ranks that are SLURM tasks already see only their own CPUs (cpus_per_task) and keep inductor's default.
+    """
+    if "TORCHINDUCTOR_COMPILE_THREADS" in os.environ or _is_slurm_task() or local_world_size <= 1:
+        return
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = compile_threads_per_worker(cpus, local_world_size)
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = str(threads)
+    import torch._inductor.config as inductor_config  # read the env at import: may have happened already
+
+    inductor_config.compile_threads = threads
+
+
+def _is_slurm_task() -> bool:
+    # a rank started by srun itself (hydra/launcher=slurm), not a worker of torchrun or gpt2x's own launcher
+    return "SLURM_PROCID" in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
+
+
+def process_group_options(cfg: ParallelConfig, device: torch.device) -> dict:
+    """Keyword arguments of init_process_group: backend, the collective timeout, and (CUDA) this rank's GPU."""
+    return {
+        "backend": cfg.backend or ("nccl" if device.type == "cuda" else "gloo"),
+        # a rank waiting in a collective longer than this aborts the job: it must outlast rank 0's checkpoint save
+        "timeout": datetime.timedelta(minutes=cfg.timeout_minutes),
+        "device_id": device if device.type == "cuda" else None,
+    }
 
 
 def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistInfo:
@@ -93,11 +159,11 @@ def init_distributed(cfg: ParallelConfig, device: torch.device) -> DistInfo:
             "in the environment); start it with gpt2x-train (which starts parallel.nproc_per_node workers), with "
             "torchrun, or call gpt2x.speed.parallel.launch(train, cfg, run_dir)"
         )
+    limit_compile_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before the group exists, so NCCL binds this rank to its own GPU
     if not dist.is_initialized():
-        backend = cfg.backend or ("nccl" if device.type == "cuda" else "gloo")
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(**process_group_options(cfg, device))
     return DistInfo(dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0")), dist.get_world_size())
 
 

@@ -57,11 +57,16 @@ def check_precision(cfg: PrecisionConfig, device: torch.device) -> None:
             "of times slower than fp32 (25x on an AVX-512 EPYC, 400x elsewhere). Use precision=bf16 or "
             "precision=fp32, or precision.allow_slow=true to run it anyway."
         )
-    if cfg.autocast_dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError(
-            f"precision={cfg.name}: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
-            "use precision=fp16 or precision=tf32"
-        )
+    # including_emulation=False: pre-Ampere GPUs (V100, T4) run bfloat16 emulated, far slower than fp16 or fp32
+    if cfg.autocast_dtype == "bfloat16" and device.type == "cuda" and not cfg.allow_slow:
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not native:
+            raise ValueError(
+                f"precision={cfg.name}: {torch.cuda.get_device_name(device)} has no bfloat16 units (they arrived with "
+                "Ampere, compute capability 8.0) and would emulate it slowly; use precision=fp16 (loss scaling) or "
+                "precision=fp32, or precision.allow_slow=true to run it anyway"
+            )
     if cfg.autocast_dtype == "float16" and not cfg.grad_scaler:
         log.warning("precision=%s: float16 without precision.grad_scaler=true: small gradients may underflow", cfg.name)
     if cfg.grad_scaler and cfg.autocast_dtype != "float16":

@@ -16,6 +16,7 @@ import copy
 import logging
 import logging.config
 import os
+import signal
 import uuid
 from pathlib import Path
 
@@ -70,10 +71,19 @@ def launch(fn, cfg: DictConfig, run_dir: Path):
         start_method="spawn",  # fork would copy this process's threads and Hydra state into the workers
     )
     log.info("parallel=%s: starting %d worker processes", cfg.parallel.name, n)
+    # elastic's agent logs each step of stopping workers as a warning; what failed, and how, is said once, here
+    quiet = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+             if name.startswith("torch.distributed.elastic")]  # fmt: skip
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         results = elastic_launch(config, _worker)(fn, cfg, run_dir, _job_logging_config())
     except ChildFailedError as e:
         raise WorkerFailedError(describe_failure(e, cfg.parallel.name, n)) from None
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
     return results[0]
 
 
@@ -105,7 +115,11 @@ def _worker(fn, cfg: DictConfig, run_dir: Path, job_logging: dict | None):
         # Workers on one node share its cores; each taking all of them oversubscribes the CPU (torchrun sets 1).
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    return fn(cfg, run_dir)
+    try:
+        return fn(cfg, run_dir)
+    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group: the parent says it, once
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the agent's own SIGINT must not interrupt the exit itself
+        raise SystemExit(130) from None
 
 
 def _job_logging_config() -> dict | None:

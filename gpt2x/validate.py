@@ -101,15 +101,6 @@ def _check_run_keys(cfg: DictConfig) -> None:
                 f"sample_count={cfg.sample_count}, sample_max_tokens={cfg.sample_max_tokens}, "
                 f"sample_top_k={cfg.sample_top_k}: need count and max_tokens >= 1 and top_k >= 0 (0 = no top-k)"
             )
-        _check_prompt(cfg.sample_prompt)
     if cfg.resume not in (None, "auto") and not str(cfg.resume).endswith(".pt"):
         raise ValueError(f"resume={cfg.resume}: use resume=auto, resume=null or the path of a step_NNNNNN.pt file")
 
-
-def _check_prompt(prompt: str) -> None:
-    from gpt2x.data.tokenizer import gpt2_encoding
-
-    try:
-        gpt2_encoding().encode(prompt, allowed_special="all")
-    except Exception as e:  # noqa: BLE001 - any encoder failure means this prompt cannot be sampled from
-        raise ValueError(f"sample_prompt={prompt!r} cannot be encoded by the GPT-2 tokenizer ({e})") from e

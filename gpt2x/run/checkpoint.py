@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gpt2x.config import is_due
-from gpt2x.speed.parallel import DistInfo, _eager, is_fsdp
+from gpt2x.speed.parallel import DistInfo, is_fsdp, unwrap
 
 log = logging.getLogger("gpt2x")
 
@@ -239,9 +239,9 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        eager = _eager(model)
+        eager = unwrap(model)
         return get_model_state_dict(eager, options=options), get_optimizer_state_dict(eager, optimizer, options=options)
-    return _eager(model).state_dict(), optimizer.state_dict()
+    return unwrap(model).state_dict(), optimizer.state_dict()
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
@@ -254,11 +254,11 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
         )
 
         options = StateDictOptions(full_state_dict=True)
-        eager = _eager(model)
+        eager = unwrap(model)
         set_model_state_dict(eager, model_sd, options=options)
         set_optimizer_state_dict(eager, optimizer, optim_sd, options=options)
         return
-    _eager(model).load_state_dict(model_sd)
+    unwrap(model).load_state_dict(model_sd)
     optimizer.load_state_dict(optim_sd)
 
 
@@ -369,7 +369,7 @@ class Checkpointer:
                 f"Resume with the checkpoint's values, start a new run (another hydra.run.dir), or accept the change "
                 f"with resume_allow=[{','.join(changes)}]"
             )
-        _check_shapes(path, state["model"], _eager(model).state_dict())
+        _check_shapes(path, state["model"], unwrap(model).state_dict())
         if is_fsdp(model) != (saved.get("parallel", {}).get("name") == "fsdp"):
             raise ResumeError(
                 f"resume from {path}: written under parallel={saved.get('parallel', {}).get('name')}, resumed under "

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose, run_train
+from helpers import compose, run_train
 
 from gpt2x.speed.precision import apply_precision
 from gpt2x.train import validate
@@ -55,6 +55,7 @@ def test_fp16_on_cpu_is_refused_before_any_work_unless_forced(tmp_path):
     assert not (tmp_path / "record.json").exists()  # refused before the run started
 
 
+@pytest.mark.slow  # float16 matmuls on a CPU: tens to hundreds of times slower than fp32
 def test_fp16_forced_on_cpu_trains_a_minuscule_model_with_loss_scaling(tmp_path):
     minuscule = ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "data.seq_len=16", "sample_max_tokens=2"]
     summary = run_train(tmp_path, FAST + minuscule + ["precision=fp16", "precision.force=true"])

@@ -50,11 +50,28 @@ def yaml_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
+def tiny_corpus() -> Path:
+    """The first 200 kB of the Shakespeare corpus as a text file in the session's cache, written on first use."""
+    path = Path(os.environ["GPT2X_CACHE_DIR"]) / "tiny_corpus.txt"
+    if not path.is_file():
+        from gpt2x.data import shakespeare
+
+        path.write_text(shakespeare.render_plays()[:200_000], encoding="utf-8")
+    return path
+
+
 def run_train(run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Train in this process on the TINY composed config plus `overrides`, and return the summary."""
+    """Train in this process on the TINY composed config plus `overrides`, and return the summary.
+
+    Unless `overrides` pick a dataset, the run reads tiny_corpus() as data=text: data=shakespeare renders all 38 plays
+    on every run (twice, to check its cache), which was most of a tiny run's time. data=shakespeare is tested in
+    test_data.py and by every CLI test.
+    """
     from gpt2x.train import train
 
-    cfg = compose(TINY + (overrides or []))
+    overrides = overrides or []
+    data = [] if any(o.startswith("data=") for o in overrides) else ["data=text", f"data.path={tiny_corpus()}"]
+    cfg = compose(TINY + data + overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
     return train(cfg, run_dir)
 

@@ -1,4 +1,4 @@
-"""Every option a user can pick (conf/<group>/*.yaml) has code behind it, and every entry of a code table has an option.
+"""Every option a user can pick (conf/<group>/*.yaml) composes and has code behind it; every code table entry has one.
 
 Parametrized by the YAML files found at collection time, crossed with the code tables both ways: an option file
 without code, or code without an option file, fails here rather than at the start of someone's run.
@@ -11,6 +11,7 @@ import functools
 import pytest
 from helpers import CONF_DIR, compose, yaml_options
 
+from gpt2x.config import GROUPS
 from gpt2x.data import DATASETS
 from gpt2x.model.attention import ATTENTION_KERNELS
 from gpt2x.speed.compile import COMPILE_MODES, check_compile
@@ -24,6 +25,7 @@ REQUIRED = {("data", "text"): ["data.path=/tmp"]}
 # torch.compile modes reachable only as `compile=default compile.mode=<mode>`, without an option file of their own.
 COMPILE_MODES_WITHOUT_OPTION = {"reduce-overhead", "max-autotune-no-cudagraphs"}
 
+ALL_OPTION_FILES = [(group, name) for group in GROUPS for name in yaml_options(group)]
 OPTION_FILES = [(group, name) for group in TABLES for name in yaml_options(group)]
 TABLE_ENTRIES = [(group, name) for group, table in TABLES.items() for name in table]
 
@@ -38,8 +40,13 @@ def ids(pairs):
     return [f"{group}={name}" for group, name in pairs]
 
 
+@pytest.mark.parametrize("group,name", ALL_OPTION_FILES, ids=ids(ALL_OPTION_FILES))
+def test_every_option_of_every_group_composes_and_is_named_after_its_file(group, name):
+    assert option(group, name).name == name
+
+
 @pytest.mark.parametrize("group,name", OPTION_FILES, ids=ids(OPTION_FILES))
-def test_every_option_file_composes_under_its_name_and_the_code_table_has_it(group, name):
+def test_every_option_file_of_a_table_group_has_an_entry_in_the_code_table(group, name):
     assert option(group, name).name == name
     assert name in TABLES[group], f"conf/{group}/{name}.yaml has no entry in the code's table: {sorted(TABLES[group])}"
 

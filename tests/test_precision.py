@@ -28,6 +28,7 @@ def fp32_run(tmp_path_factory):
     return run_train(tmp_path_factory.mktemp("fp32"), FAST + ["precision=fp32"])
 
 
+@pytest.mark.slow  # three training runs
 @pytest.mark.parametrize("precision,tolerance", [("tf32", 0.0), ("bf16", 0.05)])
 def test_every_cpu_precision_trains_to_a_finite_loss_close_to_fp32s(tmp_path, fp32_run, precision, tolerance):
     summary = run_train(tmp_path, FAST + [f"precision={precision}"])

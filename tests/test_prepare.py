@@ -47,6 +47,7 @@ def read_stream(out_dir: Path) -> tuple[list[str], np.ndarray]:
     return names, np.concatenate([load_shard(out_dir / name) for name in names])
 
 
+@pytest.mark.slow  # two tokenizer worker processes
 def test_shards_hold_eot_then_each_document_in_order_val_first(tmp_path):
     docs = make_documents(300)
     source = write_jsonl(tmp_path / "docs.jsonl", docs)

@@ -87,9 +87,15 @@ def test_a_failed_run_is_marked_in_the_report_and_the_sweep_fails(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
-def test_ladder_rungs_are_cumulative_one_choice_at_a_time():
+@pytest.fixture(scope="module")
+def ladder_cfgs():
+    """The composed config of each rung of the ladder, in ladder order (composed once for the tests that read them)."""
+    return [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+
+
+def test_ladder_rungs_are_cumulative_one_choice_at_a_time(ladder_cfgs):
     assert sorted(LADDER) == sorted(p.stem for p in (CONF_DIR / "rung").glob("*.yaml"))  # every rung is on the ladder
-    cfgs = [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+    cfgs = ladder_cfgs
     steps = []
     for name, cfg in zip(LADDER, cfgs, strict=True):
         assert cfg.rung == name
@@ -112,10 +118,10 @@ def _choice(cfg, key):
     return node.name if OmegaConf.is_config(node) else node
 
 
-def test_every_rung_of_the_ladder_trains_on_the_same_data_seed_and_tokens_per_step():
+def test_every_rung_of_the_ladder_trains_on_the_same_data_seed_and_tokens_per_step(ladder_cfgs):
     keys = ("seed", "model.name", "model.n_layer", "data.name", "data.seq_len", "data.total_batch_size",
             "optim.max_steps", "optim.lr", "experiment", "peak_probe")  # fmt: skip
-    cfgs = [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+    cfgs = ladder_cfgs
     for key in keys:
         assert len({str(OmegaConf.select(c, key)) for c in cfgs}) == 1, key
     assert cfgs[0].peak_probe == "fresh"  # every rung's MFU against the peak measured right before it

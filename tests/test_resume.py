@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 
 import pytest
@@ -48,10 +49,19 @@ def test_a_run_killed_after_a_checkpoint_resumes_to_bit_identical_losses(tmp_pat
     assert losses(resumed) == losses(straight)  # exact float equality, not approx
 
 
+@pytest.fixture(scope="module")
+def one_checkpoint_run(tmp_path_factory):
+    """A finished run dir with one checkpoint: nothing older to fall back to."""
+    run_dir = tmp_path_factory.mktemp("one_checkpoint")
+    run_train(run_dir, RESUMABLE[len(TINY) :] + ["optim.max_steps=3"])
+    assert len(checkpoint.list_checkpoints(run_dir / "checkpoints")) == 1
+    return run_dir
+
+
 @pytest.mark.filterwarnings("ignore:skipping incomplete checkpoint")  # what `latest` says about the truncated one
 @pytest.mark.parametrize("damage", ["truncated", "tampered"])
-def test_resume_from_a_damaged_checkpoint_fails_naming_it(tmp_path, damage):
-    run_train(tmp_path, RESUMABLE[len(TINY) :] + ["optim.max_steps=3"])  # one checkpoint: nothing older to fall back to
+def test_resume_from_a_damaged_checkpoint_fails_naming_it(tmp_path, one_checkpoint_run, damage):
+    shutil.copytree(one_checkpoint_run / "checkpoints", tmp_path / "checkpoints")
     ckpt = checkpoint.latest(tmp_path / "checkpoints")
     data = bytearray(ckpt.read_bytes())
     if damage == "truncated":  # as by a full disk or a partial copy

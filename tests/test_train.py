@@ -25,6 +25,7 @@ def test_a_run_writes_metrics_summary_and_record_and_its_loss_falls(tmp_path):
     assert record["config"]["seed"] == 1337 and "torch" in json.dumps(record)
 
 
+@pytest.mark.slow  # two training runs
 def test_gradient_accumulation_matches_one_bigger_batch_over_the_same_tokens(tmp_path):
     # B=2 with 2 micro-steps reads the same 4 sequences as B=4 in one step, so the steps must agree.
     accum = run_train(tmp_path / "accum", ["data.batch_size=2", "data.total_batch_size=128", "eval_interval=0"])

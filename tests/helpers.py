@@ -46,8 +46,15 @@ def compose(overrides: list[str] | None = None, return_hydra_config: bool = Fals
 
 
 def yaml_options(group: str) -> list[str]:
-    """The options a user can pick for a config group: the names of conf/<group>/*.yaml, sorted."""
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    """The options a user can pick for a config group: the names of conf/<group>/*.yaml, sorted.
+
+    Raises if there are none, so a test parametrized by them cannot pass by collecting nothing (a moved conf/, a typo).
+    """
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    if not options:
+        groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir()) if CONF_DIR.is_dir() else []
+        raise FileNotFoundError(f"no {CONF_DIR}/{group}/*.yaml: {group!r} is not a config group here; groups: {groups}")
+    return options
 
 
 def tiny_corpus() -> Path:

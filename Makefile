@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so a fresh machine without a GPU installs the CPU wheel instead of a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv train test lint ladder wheelhouse clean
+.PHONY: venv train test test-fast lint ladder wheelhouse clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ train: venv
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (subprocesses, worker processes, torch.compile): under a minute on 2 CPU cores.
+test-fast: venv
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check gpt2x tests experiments

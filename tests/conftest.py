@@ -1,4 +1,4 @@
-"""Shared test set-up: offline libraries, a per-session cache, and helpers to compose and run the real config."""
+"""Shared test set-up: offline libraries, a per-session cache, and fixtures (the helpers are in helpers.py)."""
 
 from __future__ import annotations
 
@@ -12,23 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = REPO / "conf"
-TINY_SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-
-# Small and quick: a 2-layer model, short sequences, few steps, no periodic evals or samples until the end.
-TINY = [
-    "model=tiny",
-    "data.batch_size=2",
-    "data.seq_len=32",
-    "optim.max_steps=3",
-    "optim.warmup_steps=1",
-    "eval_steps=1",
-    "sample_max_tokens=4",
-    "sample_count=1",
-    "timing_warmup_steps=1",
-]
+# One CPU thread per process (this one, and the trainers and workers it starts) unless the shell says otherwise: the
+# tiny ops here run faster on one, and on a machine shared with other jobs two spinning OpenMP threads per process
+# made a 60-step training test 4x slower (12 s vs 3 s) and greedy generation 20x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -58,32 +45,6 @@ def hf_gpt2_dir(tmp_path_factory) -> Path:
     hf.save_pretrained(path)
     return path
 
-
-@pytest.fixture
-def tiny_shakespeare() -> Path:
-    if not TINY_SHAKESPEARE.exists():
-        pytest.skip(f"needs Tiny Shakespeare at {TINY_SHAKESPEARE} (the shared/ folder beside the clone)")
-    return TINY_SHAKESPEARE
-
-
-def compose(overrides: list[str] | None = None, return_hydra_config: bool = False):
-    """The real composed config (conf/config.yaml) with command-line style overrides."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    import gpt2x.config  # noqa: F401  (registers the schemas)
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides or [], return_hydra_config=return_hydra_config)
-
-
-def run_train(run_dir: Path, overrides: list[str] | None = None) -> dict:
-    """Train in this process on the composed config and return the summary."""
-    from gpt2x.train import train
-
-    cfg = compose(TINY + (overrides or []))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return train(cfg, run_dir)
 
 
 def pytest_collection_modifyitems(config, items):

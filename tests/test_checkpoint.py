@@ -1,25 +1,22 @@
 """Checkpoints: atomic under SIGKILL, keep-last-K, integrity-checked loads, weights_only round trips, RNG replay."""
 
 import logging
-import os
 import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import cli_env
 from omegaconf import OmegaConf
 
 from gpt2x.config import ModelConfig
 from gpt2x.model.gpt import GPT
 from gpt2x.run import checkpoint
 from gpt2x.run.checkpoint import CheckpointError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def small_state(step: int) -> dict:
@@ -161,50 +158,59 @@ def test_non_checkpoint_files_and_missing_keys_raise_clear_errors(tmp_path):
         checkpoint.load(tmp_path / "nope.pt")
 
 
-# Saves checkpoints back to back (keep=2) until it is killed.
-_SAVE_FOREVER = """
-import sys, torch
+# Saves the checkpoints of steps 1, 2 and 3 (keep=2) and SIGKILLs itself inside the save of step 3, at the point
+# argv[2] names: "writing" (halfway through the temp file's bytes) or "renaming" (temp file complete and fsynced, not
+# yet renamed into place). Wrapping torch.save and os.replace, which checkpoint.save calls, places the kill exactly.
+_KILLED_INSIDE_A_SAVE = """
+import contextlib, io, os, signal, sys, torch
 from gpt2x.run import checkpoint
-state = {"model": {"w": torch.randn(1_000_000)}, "optimizer": {}, "step": 0}
-checkpoint.save(sys.argv[1], 1, dict(state, step=1), keep=2)
-print("ready", flush=True)
-step = 2
-while True:
-    checkpoint.save(sys.argv[1], step, dict(state, step=step), keep=2)
-    step += 1
+
+ckpt_dir, where, kill_step = sys.argv[1], sys.argv[2], 3
+real_torch_save, real_replace = torch.save, os.replace
+
+def torch_save_half_then_die(obj, f, *args, **kwargs):
+    if where != "writing" or obj["step"] != kill_step:
+        return real_torch_save(obj, f, *args, **kwargs)
+    buffer = io.BytesIO()
+    real_torch_save(obj, buffer, *args, **kwargs)
+    with open(f, "wb") if isinstance(f, (str, os.PathLike)) else contextlib.nullcontext(f) as out:
+        out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        out.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def die_before_rename(src, dst, *args, **kwargs):
+    if where == "renaming" and os.path.basename(dst) == checkpoint.checkpoint_path(ckpt_dir, kill_step).name:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *args, **kwargs)
+
+torch.save, os.replace = torch_save_half_then_die, die_before_rename
+state = {"model": {"w": torch.randn(1_000_000)}, "optimizer": {}}
+for step in range(1, kill_step + 1):
+    checkpoint.save(ckpt_dir, step, dict(state, step=step), keep=2)
 """
 
 
-def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    killed_mid_save = False
-    for trial in range(5):  # nearly all of a save loop's time is inside a save; retry in the rare other case
-        ckpt_dir = tmp_path / f"trial{trial}"
-        proc = subprocess.Popen([sys.executable, "-c", _SAVE_FOREVER, str(ckpt_dir)], stdout=subprocess.PIPE, env=env)
-        try:
-            assert proc.stdout.readline().strip() == b"ready"
-            time.sleep(0.3 + 0.1 * trial)
-            proc.send_signal(signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
-            proc.stdout.close()
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_sigkill_during_saves_never_leaves_a_partial_checkpoint(tmp_path, where):
+    ckpt_dir = tmp_path / "checkpoints"
+    cmd = [sys.executable, "-c", _KILLED_INSIDE_A_SAVE, str(ckpt_dir), where]
+    proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
-        temps = list(ckpt_dir.glob(".step_*.tmp"))
-        killed_mid_save = killed_mid_save or bool(temps)
-        checkpoints = checkpoint.list_checkpoints(ckpt_dir)
-        assert checkpoints, "the first checkpoint must survive"
-        for step, path in checkpoints:  # every file under a checkpoint name is complete
-            assert checkpoint.load(path)["step"] == step
-        newest_step = checkpoints[-1][0]
-        assert checkpoint.load(checkpoint.latest(ckpt_dir))["step"] == newest_step
+    temps = list(ckpt_dir.glob(".step_*.tmp"))
+    assert temps, "a save killed at its kill point left no temp file: does it still write a temp file first?"
+    checkpoints = checkpoint.list_checkpoints(ckpt_dir)
+    assert checkpoints, "the first checkpoint must survive"
+    assert [step for step, _ in checkpoints] == [1, 2]  # the killed save of step 3 left nothing under its name
+    for step, path in checkpoints:  # every file under a checkpoint name is complete
+        assert checkpoint.load(path)["step"] == step
+    newest_step = checkpoints[-1][0]
+    assert checkpoint.load(checkpoint.latest(ckpt_dir))["step"] == newest_step
 
-        # The next save (the resumed run's first) sweeps the killed save's temp file away.
-        checkpoint.save(ckpt_dir, newest_step + 1, small_state(newest_step + 1), keep=2)
-        assert not list(ckpt_dir.glob(".step_*.tmp"))
-        if killed_mid_save:
-            break
-    assert killed_mid_save, "no trial killed the writer inside a save; the test did not exercise the crash path"
+    # The next save (the resumed run's first) sweeps the killed save's temp file away.
+    checkpoint.save(ckpt_dir, newest_step + 1, small_state(newest_step + 1), keep=2)
+    assert not list(ckpt_dir.glob(".step_*.tmp"))
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose, run_train
+from helpers import compose, run_train
 
 from gpt2x.speed.compile import check_compile
 from gpt2x.validate import validate

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, compose
+from helpers import TINY, compose
 
 from gpt2x.config import ModelConfig
 from gpt2x.model.attention import check_attention

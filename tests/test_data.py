@@ -9,20 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import needs_tiny_shakespeare
 
 from gpt2x.config import DATA_SCHEMAS, DataConfig, ShakespeareDataConfig
 from gpt2x.data import DATASETS, build_loader, prepare_dataset, shakespeare, shards
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths, write_shard
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
-TINY_SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TINY_SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def needs_tiny_shakespeare() -> Path:
-    if not TINY_SHAKESPEARE.is_file():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt (Karpathy's Tiny Shakespeare input.txt)")
-    return TINY_SHAKESPEARE
 
 
 def data_config(tmp_path: Path, **overrides) -> DataConfig:
@@ -289,7 +283,7 @@ def test_prepare_rejects_a_val_fraction_that_empties_a_split(tmp_path, corpus):
 
 
 def test_an_unknown_dataset_name_is_refused_listing_the_valid_ones():
-    from conftest import compose
+    from helpers import compose
 
     from gpt2x.validate import validate
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CONF_DIR, compose, run_train
+from helpers import CONF_DIR, compose, run_train
 from omegaconf import OmegaConf
 
 from gpt2x.config import ModelConfig

@@ -161,6 +161,7 @@ def _gloo_worker(rank: int, world_size: int, init_file: str, model_path: str, da
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_evaluate_all_reduces_counts_across_gloo_ranks(tmp_path, learned_model):
     model_path = tmp_path / "model.pt"
     torch.save(learned_model.state_dict(), model_path)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import run_train
+from helpers import read_metrics, run_train
 
 from gpt2x.config import ModelConfig
 from gpt2x.model.gpt import GPT
@@ -61,7 +61,7 @@ def test_a_run_without_timed_steps_says_so_instead_of_reporting_warm_up_as_speed
 
 def test_summary_times_only_post_warm_up_steps_and_derives_tokens_and_mfu_from_them(tmp_path):
     summary = run_train(tmp_path, ["optim.max_steps=5", "timing_warmup_steps=2", "peak_flops=1e12"])
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path)
     step_ms = [r["ms_per_batch"] for r in rows]
     assert summary["timed_steps"] == 3 and summary["warmup_steps"] == 2
     assert summary["ms_per_batch"] == pytest.approx(statistics.median(step_ms[2:]))

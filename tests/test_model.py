@@ -128,7 +128,7 @@ def test_padded_vocab_gives_the_same_loss_and_never_predicts_padding():
 
 
 def test_sequence_longer_than_block_size_is_refused_before_any_work():
-    from conftest import compose
+    from helpers import compose
 
     from gpt2x.validate import validate
 

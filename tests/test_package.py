@@ -7,11 +7,9 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
 
 
 def test_help_says_what_gpt2x_is_and_lists_only_real_choices():

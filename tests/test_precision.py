@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import compose, run_train
+from helpers import compose, run_train
 
 from gpt2x.speed.precision import apply_precision
 from gpt2x.validate import validate
@@ -28,6 +28,7 @@ def fp32_run(tmp_path_factory):
     return run_train(tmp_path_factory.mktemp("fp32"), FAST + ["precision=fp32"])
 
 
+@pytest.mark.slow  # three training runs
 @pytest.mark.parametrize("precision,tolerance", [("tf32", 0.0), ("bf16", 0.05)])
 def test_every_cpu_precision_trains_to_a_finite_loss_close_to_fp32s(tmp_path, fp32_run, precision, tolerance):
     summary = run_train(tmp_path, FAST + [f"precision={precision}"])
@@ -55,6 +56,7 @@ def test_fp16_on_cpu_is_refused_before_any_work_unless_forced(tmp_path):
     assert not (tmp_path / "record.json").exists()  # refused before the run started
 
 
+@pytest.mark.slow  # float16 matmuls on a CPU: tens to hundreds of times slower than fp32
 def test_fp16_forced_on_cpu_trains_a_minuscule_model_with_loss_scaling(tmp_path):
     minuscule = ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "data.seq_len=16", "sample_max_tokens=2"]
     summary = run_train(tmp_path, FAST + minuscule + ["precision=fp16", "precision.allow_slow=true"])

@@ -1,19 +1,17 @@
 """gpt2x-prepare: FineWeb-style sharding of a local jsonl source, exact resume after SIGKILL, and data=fineweb_edu."""
 
 import json
-import os
 import random
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import cli_env
 from omegaconf import OmegaConf
 
 from gpt2x.config import FinewebDataConfig
@@ -23,7 +21,6 @@ from gpt2x.data.prepare import main as prepare_main
 from gpt2x.data.shards import ShardLoader, load_shard, shard_paths
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
 
-REPO = Path(__file__).resolve().parents[1]
 WORDS = "the of and to in is was for on that with as by at from his her it an be this are which ship sea rain".split()
 
 
@@ -50,6 +47,7 @@ def read_stream(out_dir: Path) -> tuple[list[str], np.ndarray]:
     return names, np.concatenate([load_shard(out_dir / name) for name in names])
 
 
+@pytest.mark.slow  # two tokenizer worker processes
 def test_shards_hold_eot_then_each_document_in_order_val_first(tmp_path):
     docs = make_documents(300)
     source = write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -106,35 +104,45 @@ def test_foreign_shards_without_manifest_are_not_overwritten(tmp_path):
         prepare_fineweb("json", None, "train", tmp_path / "out", shard_size=100, num_proc=1, data_files=str(source))
 
 
+# gpt2x-prepare that SIGKILLs itself and its tokenizer workers (its process group) right after the manifest records
+# argv[1] shards: an os.replace that dies after renaming manifest.json into place, as a crash at that point would.
+_KILLED_AFTER_SHARDS = """
+import json, os, signal, sys
+from gpt2x.data.fineweb import MANIFEST
+from gpt2x.data.prepare import main
+
+min_shards, real_replace = int(sys.argv[1]), os.replace
+
+def replace_then_die_at_min_shards(src, dst, *args, **kwargs):
+    real_replace(src, dst, *args, **kwargs)
+    if os.path.basename(dst) == MANIFEST:
+        with open(dst) as f:
+            if len(json.load(f)["shards"]) >= min_shards:
+                os.killpg(0, signal.SIGKILL)
+
+os.replace = replace_then_die_at_min_shards
+main(sys.argv[2:])
+"""
+
+
 def _run_cli_until(args: list[str], manifest: Path, min_shards: int) -> dict:
-    """Run gpt2x-prepare in a subprocess and SIGKILL it (and its workers) once `min_shards` shards are recorded."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gpt2x.data.prepare", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill takes the tokenizer workers too
+    """Run gpt2x-prepare in a subprocess that SIGKILLs itself and its workers once `min_shards` shards are recorded."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AFTER_SHARDS, str(min_shards), *args],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        start_new_session=True,  # its own process group: the kill takes the tokenizer workers too, and only them
     )
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if len(json.loads(manifest.read_text())["shards"]) >= min_shards:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.002)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     state = json.loads(manifest.read_text())
     if state["complete"]:
-        pytest.fail("gpt2x-prepare finished before the test could kill it; use more documents")
+        pytest.fail("gpt2x-prepare finished before it reached its kill point; use more documents")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     return state
 
 
+@pytest.mark.slow
 def test_sigkilled_prep_resumes_to_exactly_the_uninterrupted_shards(tmp_path, recwarn):
     docs = make_documents(6000, seed=1)  # ~210 shards of 1000 tokens
     source = write_jsonl(tmp_path / "docs.jsonl", docs)
@@ -146,11 +154,7 @@ def test_sigkilled_prep_resumes_to_exactly_the_uninterrupted_shards(tmp_path, re
     args = ["--source", "json", "--data-files", str(source), "--out", str(out), "--shard-size", "1000"]
     args += ["--num-proc", "2"]
     # Killed inside the first batch of documents: the resume re-reads the stream up to the saved position.
-    for _ in range(3):  # on a busy machine the kill may land later than asked; then start over
-        first = _run_cli_until(args, out / "manifest.json", min_shards=1)
-        if first["stream_doc"] == 0:
-            break
-        shutil.rmtree(out)
+    first = _run_cli_until(args, out / "manifest.json", min_shards=1)
     assert first["stream_doc"] == 0
     # Killed later: the resume seeks the stream with its saved `datasets` state instead of re-reading.
     second = _run_cli_until(args, out / "manifest.json", min_shards=45)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import CONF_DIR, REPO, TINY, compose
+from helpers import CONF_DIR, TINY, compose, train_cli
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -19,12 +16,10 @@ LADDER = OmegaConf.load(CONF_DIR / "experiment" / "ladder.yaml").hydra.sweeper.p
 RUNG_CHOICES = ("precision", "attention", "compile", "parallel", "model.vocab_size", "optim.fused", "loss")
 
 
-def multirun(sweep_dir, *overrides):
+def multirun(sweep_dir, *overrides, ok=True):
     """The real CLI (`gpt2x-train -m ...`) in a subprocess, as a user runs it."""
-    cmd = [sys.executable, "-m", "gpt2x.train", "-m", *TINY, "peak_flops=1e12", "optim.max_steps=2", *overrides,
-           f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    args = ["-m", *TINY, "peak_flops=1e12", "optim.max_steps=2", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    return train_cli(args, timeout=600, ok=ok)
 
 
 def read_csv(path):
@@ -36,10 +31,10 @@ def read_csv(path):
 def sweep(tmp_path_factory):
     sweep_dir = tmp_path_factory.mktemp("sweep")
     out = multirun(sweep_dir, "precision=fp32,bf16")
-    assert out.returncode == 0, out.stderr[-3000:]
     return sweep_dir, out.stdout
 
 
+@pytest.mark.slow
 def test_a_multirun_ends_with_a_report_of_one_row_per_run(sweep):
     sweep_dir, stdout = sweep
     rows = read_csv(sweep_dir / "sweep.csv")
@@ -66,6 +61,7 @@ def test_a_multirun_ends_with_a_report_of_one_row_per_run(sweep):
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
 
 
+@pytest.mark.slow
 def test_gpt2x_report_rebuilds_the_report_from_a_finished_sweep_dir(sweep, tmp_path, capsys):
     sweep_dir, _ = sweep
     before = read_csv(sweep_dir / "sweep.csv")
@@ -80,8 +76,9 @@ def test_gpt2x_report_rebuilds_the_report_from_a_finished_sweep_dir(sweep, tmp_p
     assert "holds no Hydra job dirs" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_marked_in_the_report_and_the_sweep_fails(tmp_path):
-    out = multirun(tmp_path, "precision=fp32,fp16")
+    out = multirun(tmp_path, "precision=fp32,fp16", ok=False)
     assert out.returncode != 0  # Hydra re-raises the failed job's error at the end of the sweep
     rows = read_csv(tmp_path / "sweep.csv")
     assert [(r["run"], r["status"]) for r in rows] == [("precision=fp32", "ok"), ("precision=fp16", "failed")]
@@ -90,9 +87,15 @@ def test_a_failed_run_is_marked_in_the_report_and_the_sweep_fails(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
-def test_ladder_rungs_are_cumulative_one_choice_at_a_time():
+@pytest.fixture(scope="module")
+def ladder_cfgs():
+    """The composed config of each rung of the ladder, in ladder order (composed once for the tests that read them)."""
+    return [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+
+
+def test_ladder_rungs_are_cumulative_one_choice_at_a_time(ladder_cfgs):
     assert sorted(LADDER) == sorted(p.stem for p in (CONF_DIR / "rung").glob("*.yaml"))  # every rung is on the ladder
-    cfgs = [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+    cfgs = ladder_cfgs
     steps = []
     for name, cfg in zip(LADDER, cfgs, strict=True):
         assert cfg.rung == name
@@ -115,10 +118,10 @@ def _choice(cfg, key):
     return node.name if OmegaConf.is_config(node) else node
 
 
-def test_every_rung_of_the_ladder_trains_on_the_same_data_seed_and_tokens_per_step():
+def test_every_rung_of_the_ladder_trains_on_the_same_data_seed_and_tokens_per_step(ladder_cfgs):
     keys = ("seed", "model.name", "model.n_layer", "data.name", "data.seq_len", "data.total_batch_size",
             "optim.max_steps", "optim.lr", "experiment", "peak_probe")  # fmt: skip
-    cfgs = [compose(["+experiment=ladder", f"rung={name}"]) for name in LADDER]
+    cfgs = ladder_cfgs
     for key in keys:
         assert len({str(OmegaConf.select(c, key)) for c in cfgs}) == 1, key
     assert cfgs[0].peak_probe == "fresh"  # every rung's MFU against the peak measured right before it
@@ -135,10 +138,7 @@ def test_an_unknown_rung_fails_with_hydras_list_of_rungs():
 @pytest.mark.slow
 def test_gpt2x_report_on_a_single_run_dir_labels_its_row_by_the_run(tmp_path, capsys):
     run_dir = tmp_path / "bf16-trial"
-    cmd = [sys.executable, "-m", "gpt2x.train", *TINY, "peak_flops=1e12", "optim.max_steps=2", "precision=bf16",
-           f"hydra.run.dir={run_dir}"]  # fmt: skip
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_cli([*TINY, "peak_flops=1e12", "optim.max_steps=2", "precision=bf16", f"hydra.run.dir={run_dir}"])
     assert main([str(run_dir)]) == 0
     assert "| - | bf16-trial | " in capsys.readouterr().out  # no job number: a single run has none
     [row] = read_csv(run_dir / "sweep.csv")

@@ -12,21 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, compose, run_train
+from helpers import REPO, TINY, cli_env, compose, run_train, train_cli
 
 from gpt2x.run import checkpoint
 from gpt2x.run.checkpoint import ResumeError
 from gpt2x.validate import validate
 
-REPO = Path(__file__).resolve().parents[1]
 CLI = [*TINY, "peak_flops=1e12", "optim.max_steps=2", "checkpoint_interval=1", "sample_interval=0"]
 
 
-def cli(run_dir: Path, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+def cli(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`gpt2x-train` in a subprocess, as a user runs it, into `run_dir`."""
-    cmd = [sys.executable, "-m", "gpt2x.train", *CLI, *overrides, f"hydra.run.dir={run_dir}"]
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+    return train_cli([*CLI, *overrides, f"hydra.run.dir={run_dir}"], ok=False)
 
 
 def snapshot(run_dir: Path) -> dict[str, tuple[bytes, int]]:
@@ -136,12 +133,11 @@ def test_a_run_that_never_evaluates_writes_strict_json_with_null_val_loss(tmp_pa
 
 
 def _start(run_dir: Path, *overrides: str) -> subprocess.Popen:
+    """The CLI with stderr apart from stdout (the interruption must be its one stderr line)."""
     cmd = [sys.executable, "-m", "gpt2x.train", *TINY, "peak_flops=1e12", "optim.max_steps=100000",
-           "checkpoint_interval=1", "eval_interval=0", "sample_interval=0", *overrides,
-           f"hydra.run.dir={run_dir}"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+           "checkpoint_interval=1", "eval_interval=0", "sample_interval=0", *overrides, f"hydra.run.dir={run_dir}"]
     # a session of its own: Ctrl-C in a terminal signals the whole foreground process group, workers included
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # fmt: skip
 
 

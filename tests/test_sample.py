@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import run_train
+from helpers import run_train
 
 from gpt2x.data.tokenizer import gpt2_encoding
 from gpt2x.sample import main

@@ -1,12 +1,8 @@
 """The offline GPT-2 tokenizer is the real GPT-2 BPE."""
 
-from pathlib import Path
-
-import pytest
+from helpers import needs_tiny_shakespeare
 
 from gpt2x.data.tokenizer import EOT, gpt2_encoding
-
-TINY_SHAKESPEARE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def test_encoding_gives_gpt2_ids_for_build_nanogpt_prompt():
@@ -28,6 +24,5 @@ def test_encoding_round_trips_text_and_is_built_once():
 
 
 def test_tiny_shakespeare_encodes_to_338025_tokens():
-    if not TINY_SHAKESPEARE.is_file():
-        pytest.skip("needs ../shared/data/tinyshakespeare.txt (Karpathy's Tiny Shakespeare input.txt)")
-    assert len(gpt2_encoding().encode_ordinary(TINY_SHAKESPEARE.read_text(encoding="utf-8"))) == 338025
+    text = needs_tiny_shakespeare().read_text(encoding="utf-8")
+    assert len(gpt2_encoding().encode_ordinary(text)) == 338025

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO, TINY, run_train
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from helpers import TINY, losses, read_metrics, run_train, train_cli
 
 
 def test_a_run_writes_metrics_summary_and_record_and_its_loss_falls(tmp_path):
@@ -32,13 +25,14 @@ def test_a_run_writes_metrics_summary_and_record_and_its_loss_falls(tmp_path):
     assert record["config"]["seed"] == 1337 and "torch" in json.dumps(record)
 
 
+@pytest.mark.slow  # two training runs
 def test_gradient_accumulation_matches_one_bigger_batch_over_the_same_tokens(tmp_path):
     # B=2 with 2 micro-steps reads the same 4 sequences as B=4 in one step, so the steps must agree.
     accum = run_train(tmp_path / "accum", ["data.batch_size=2", "data.total_batch_size=128", "eval_interval=0"])
     big = run_train(tmp_path / "big", ["data.batch_size=4", "eval_interval=0"])
     assert accum["grad_accum_steps"] == 2 and big["grad_accum_steps"] == 1
-    losses_accum = [r["loss"] for r in read_metrics(tmp_path / "accum")]
-    losses_big = [r["loss"] for r in read_metrics(tmp_path / "big")]
+    losses_accum = losses(tmp_path / "accum")
+    losses_big = losses(tmp_path / "big")
     assert losses_accum == pytest.approx(losses_big, abs=1e-5)
 
 
@@ -58,14 +52,10 @@ def test_bad_input_fails_before_training_with_a_message_naming_the_setting(tmp_p
     assert not (tmp_path / "metrics.jsonl").exists() or not read_metrics(tmp_path)
 
 
+@pytest.mark.slow
 def test_the_cli_runs_a_hydra_job_into_its_own_run_dir(tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "gpt2x.train", *TINY, "optim.max_steps=2", f"hydra.run.dir={run_dir}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = train_cli([*TINY, "optim.max_steps=2", f"hydra.run.dir={run_dir}"])
     assert (run_dir / ".hydra" / "config.yaml").exists() and (run_dir / ".hydra" / "overrides.yaml").exists()
     assert len(read_metrics(run_dir)) == 2
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2

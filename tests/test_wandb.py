@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY, compose, read_metrics, train_cli
 from omegaconf import DictConfig, OmegaConf
 from wandb_offline import find_runs, iter_messages, read_run, wait_for_exit
 
 from gpt2x.run.logger import build_logger
 from gpt2x.run.record import HYDRA_INFO_ENV
-from tests.conftest import REPO, TINY, compose
 
 STEP = {
     "loss": 5.0,
@@ -140,7 +137,7 @@ def test_unreachable_server_times_out_falls_back_offline_and_training_goes_on(tm
     logger.log(0, STEP)
     logger.finish({"ok": True})
     assert "W&B online start failed" in caplog.text
-    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 5.0
+    assert [row["loss"] for row in read_metrics(tmp_path)] == [5.0]
     assert json.loads((tmp_path / "summary.json").read_text()) == {"ok": True}
     (path,) = find_runs(tmp_path)  # the failed online attempt leaves no run behind
     assert path.parent.name.startswith("offline-run-")
@@ -156,7 +153,7 @@ def test_wandb_error_mid_run_warns_once_and_local_logging_continues(tmp_path, ca
     logger.finish({"done": 1})
     assert caplog.text.count("continuing with local logging only") == 1
     assert logger.wandb_run is None
-    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert [row["step"] for row in read_metrics(tmp_path)] == [0, 1, 2]
     assert json.loads((tmp_path / "summary.json").read_text()) == {"done": 1}
 
 
@@ -201,12 +198,11 @@ def test_reader_rejects_corrupt_and_foreign_files(tmp_path):
         read_run(tmp_path)
 
 
+@pytest.mark.slow
 def test_hydra_multirun_jobs_share_one_wandb_group_with_step_history(tmp_path, wandb_env):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "gpt2x.train", "-m", *TINY, "logger=wandb", "logger.mode=offline"]
-    cmd += ["log_interval=1", "logger.project=gpt2x-test", "seed=1,2", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = ["-m", *TINY, "logger=wandb", "logger.mode=offline", "log_interval=1", "logger.project=gpt2x-test"]
+    train_cli([*args, "seed=1,2", f"hydra.sweep.dir={sweep}"], timeout=600)
 
     all_runs = [read_run(p) for p in find_runs(sweep)]
     runs = [r for r in all_runs if r.job_type == "train"]
@@ -225,7 +221,7 @@ def test_hydra_multirun_jobs_share_one_wandb_group_with_step_history(tmp_path, w
         record = json.loads((sweep / job / "record.json").read_text())
         assert f"seed={int(job) + 1}" in record["overrides"] and record["sweep_dir"] == str(sweep)
         assert (sweep / job / "summary.json").is_file()
-        assert len((sweep / job / "metrics.jsonl").read_text().splitlines()) == 3
+        assert len(read_metrics(sweep / job)) == 3
 
 
 def _tiny_png() -> bytes:

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 import warnings
 import zipfile
@@ -32,6 +33,9 @@ log = logging.getLogger("gpt2x")
 REQUIRED_KEYS = ("model", "optimizer", "step")
 _CKPT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
 _TMP_SUFFIX = ".tmp"  # temp files are ".step_NNNNNN.pt.<random>.tmp": never matched by _CKPT_NAME
+# Test hook: with GPT2X_TEST_KILL_AFTER_CHECKPOINT=N, `save` SIGKILLs its process group (the run, its launcher and
+# workers) right after the checkpoint of step N is on disk: a crash at a known point (tests/test_resume.py).
+TEST_KILL_AFTER_CHECKPOINT = "GPT2X_TEST_KILL_AFTER_CHECKPOINT"
 
 
 class CheckpointError(RuntimeError):
@@ -124,6 +128,8 @@ def save(ckpt_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path
     others = [path for _, path in reversed(list_checkpoints(ckpt_dir)) if path != final]  # newest first
     for path in others[keep - 1 :]:
         path.unlink(missing_ok=True)
+    if os.environ.get(TEST_KILL_AFTER_CHECKPOINT) == str(step):  # the test hook above
+        os.killpg(0, signal.SIGKILL)
     return final
 
 

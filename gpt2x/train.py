@@ -40,6 +40,7 @@ from gpt2x.optim import build_optimizer, lr_at
 from gpt2x.precision import AUTOCAST_DTYPES, apply_precision, check_precision
 from gpt2x.record import git_info, write_run_record
 from gpt2x.sample import sample_texts
+from gpt2x.target import TargetTracker, check_target_settings, objective_value
 
 log = logging.getLogger("gpt2x")
 
@@ -94,6 +95,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
     check_compile(cfg.compile, device)
     check_peak_settings(cfg.peak_probe, cfg.peak_flops)
+    check_target_settings(cfg)
     parallel.check_parallel(cfg.parallel, cfg.precision, device, world_size)
 
 
@@ -236,11 +238,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     warmup_ms: list[float] = []
     last_loss = val_loss = float("nan")
     max_steps = cfg.optim.max_steps
+    # training wall time (steps only) and the first eval at or below target_val_loss; continues across a resume
+    target = TargetTracker(
+        cfg.target_val_loss, tokens_per_step, cfg.stop_at_target, state.get("target") if resume_path else None
+    )
     for step in range(start_step, max_steps):
         last = step == max_steps - 1
         metrics = {}
         if is_due(step, cfg.eval_interval, last):
+            t_eval = time.perf_counter()
             metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
+            metrics |= target.evaluated(step, val_loss, time.perf_counter() - t_eval)
+            if target.should_stop:  # stop_at_target: the run ends here, before training this step
+                logger.log(step, metrics)
+                break
         if cfg.hellaswag_interval and is_due(step, cfg.hellaswag_interval, last):
             # the eager model: every example has its own length, which would recompile a compiled one each time
             metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist_info)
@@ -274,6 +285,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         precision.scaler.update()
         synchronize(device)
         dt = time.perf_counter() - t0
+        target.add_train_time(dt)
 
         last_loss, norm = loss_accum.item(), grad_norm.item()
         if not math.isfinite(last_loss) or (not math.isfinite(norm) and not precision.scaler.is_enabled()):
@@ -297,13 +309,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
         # after every checkpoint_interval completed steps: interval 10 saves steps 0-9 as step_000009.pt
         if cfg.checkpoint_interval > 0 and ((step + 1) % cfg.checkpoint_interval == 0 or last):
-            save_checkpoint(ckpt_dir, step, raw_model, optimizer, train_loader, cfg, dist_info)
+            save_checkpoint(ckpt_dir, step, raw_model, optimizer, train_loader, cfg, dist_info, target.state_dict())
 
     summary = {
-        "steps": max_steps,
+        "steps": target.reached["step_to_target"] if target.should_stop else max_steps,
         "final_loss": last_loss,
         "final_val_loss": val_loss,
         **timing_summary(step_ms, tokens_per_step, flops_tok, peak, warmup_ms),
+        **target.summary(),
         "peak_mem_bytes": peak_memory_bytes(device),
         "tokens_per_step": tokens_per_step,
         "grad_accum_steps": accum,
@@ -334,8 +347,13 @@ def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, 
     return correct / max(1, total)
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg: DictConfig, dist_info) -> None:
-    """Everything needed to continue bit-exactly: weights, optimizer, schedule step, per-rank data position and RNG."""
+def save_checkpoint(
+    ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg: DictConfig, dist_info, target_state=None
+) -> None:
+    """Everything needed to continue bit-exactly: weights, optimizer, schedule step, per-rank data position and RNG.
+
+    `target_state` (TargetTracker.state_dict) carries the training time so far, so time to target survives a resume.
+    """
     rngs = [checkpoint.capture_rng_state()]
     if dist_info.world_size > 1:
         rngs = [None] * dist_info.world_size
@@ -349,6 +367,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, raw_model, optimizer, loader, cfg
             "loader": loader.state_dict(),  # the stream position, shared by all ranks
             "rng": rngs,
             "config": OmegaConf.to_container(cfg, resolve=True),
+            "target": target_state,
         }
         checkpoint.save(ckpt_dir, step, state, keep=cfg.keep_checkpoints)
 
@@ -359,10 +378,10 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the final val loss for sweepers."""
+    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the `objective` for sweepers."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     summary = parallel.launch(train, cfg, run_dir)
-    return summary.get("final_val_loss", float("nan"))
+    return objective_value(cfg, summary)
 
 
 if __name__ == "__main__":

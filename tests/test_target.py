@@ -101,3 +101,17 @@ def test_the_sweeper_objective_is_time_to_target_with_a_target_and_the_final_val
     assert objective_value(compose(["target_val_loss=4.0", "objective=final_val_loss"]), summary) == 4.2
     # a run that missed the target ranks below every run that reached it
     assert objective_value(compose(["target_val_loss=4.0", "objective=tokens_to_target"]), summary) == float("inf")
+
+
+def test_the_speedrun_experiments_are_the_final_ladder_rung_with_a_target_that_stops_the_run():
+    cpu = compose(["+experiment=speedrun_baseline"])
+    gpu = compose(["+experiment=speedrun_gpu"])
+    for cfg in (cpu, gpu):
+        chosen = (cfg.precision.name, cfg.attention.name, cfg.compile.name, cfg.model.vocab_size, cfg.optim.fused)
+        assert chosen == ("bf16", "flash", "default", 50304, True) and not cfg.model.fused_ce
+        assert cfg.stop_at_target and cfg.eval_interval > 0 and cfg.objective == "auto"
+    assert (cpu.model.name, cpu.data.name, cpu.parallel.name) == ("small", "shakespeare", "single")
+    assert cpu.rung == "fused_adamw"
+    assert 0 < cpu.target_val_loss < 10
+    assert (gpu.model.name, gpu.data.name, gpu.target_val_loss) == ("gpt2", "fineweb_edu", 3.28)
+    assert (gpu.parallel.name, gpu.parallel.nproc_per_node, gpu.data.total_batch_size) == ("ddp", 8, 524288)

@@ -96,8 +96,11 @@ def compare_groups(rows: list[dict[str, Any]], baseline: str | None = None) -> l
         for key in GROUP_METRICS:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std(values(label, key))
         base, mine = values(base_label, metric), values(label, metric)
-        row["speedup"], row["speedup_std"] = speedup_with_spread(base, mine)
-        row["p_value"] = None if label == base_label else welch_p_value(base, mine)
+        if label == base_label:  # against itself: 1 by definition, with no spread or test
+            row["speedup"], row["speedup_std"], row["p_value"] = (1.0 if mine else None), None, None
+        else:
+            row["speedup"], row["speedup_std"] = speedup_with_spread(base, mine)
+            row["p_value"] = welch_p_value(base, mine)
         out.append(row)
     return out
 

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so a fresh machine without a GPU installs the CPU wheel instead of a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv train test lint ladder clean
+.PHONY: venv train test lint ladder speedrun clean
 
 venv: $(VENV)/.installed
 
@@ -29,6 +29,10 @@ lint: venv
 # The optimization ladder as a Hydra multirun (see experiments/ladder/README.md).
 ladder: venv
 	$(VENV)/bin/gpt2x-train -m +experiment=ladder $(ARGS)
+
+# Time to target of the final ladder rung over 3 seeds (see experiments/speedrun/README.md).
+speedrun: venv
+	$(VENV)/bin/gpt2x-train -m +experiment=speedrun_baseline seed=1,2,3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

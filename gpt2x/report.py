@@ -6,7 +6,9 @@ leaves a report marking it, and at the end it prints the table. `gpt2x-report DI
 finished multirun dir, reading each job's `summary.json` (written by the training loop) and `.hydra/overrides.yaml`.
 
 A run is named by its ladder rung when it has one (`rung=bf16`), else by the overrides that differ between the runs of
-the sweep (`precision=bf16 attention=flash`); overrides shared by every run are listed once above the table.
+the sweep (`precision=bf16 attention=flash`); overrides shared by every run are listed once above the table. Runs
+whose names differ only in `seed=` are one configuration: gpt2x/seeds.py adds the per-configuration table
+(`sweep_seeds.csv`, and in `sweep.md` when there are seeds or a target) and the loss curves (`sweep_curves.png`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned so a fresh machine without a GPU installs the CPU wheel instead of a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv train test test-fast lint ladder wheelhouse clean
+.PHONY: venv train test test-fast lint ladder speedrun wheelhouse clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +38,10 @@ ladder: venv
 # WHEEL_PYTHON=3.11 WHEEL_PLATFORM=manylinux_2_28_x86_64 WHEEL_EXTRAS=wandb,hf select another target or add extras.
 wheelhouse: venv
 	experiments/gpu/wheelhouse.sh wheelhouse
+
+# Time to target of the final ladder rung over 3 seeds (see experiments/speedrun/README.md).
+speedrun: venv
+	$(VENV)/bin/gpt2x-train -m +experiment=speedrun_baseline seed=1,2,3 $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs

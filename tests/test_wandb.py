@@ -202,6 +202,7 @@ def test_reader_rejects_corrupt_and_foreign_files(tmp_path):
 def test_hydra_multirun_jobs_share_one_wandb_group_with_step_history(tmp_path, wandb_env):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "logger=wandb", "logger.mode=offline", "log_interval=1", "logger.project=gpt2x-test"]
+    args += ["eval_interval=1", "target_val_loss=10.95"]  # reached at the first eval (step 1): ~ln(50257) = 10.8
     train_cli([*args, "seed=1,2", f"hydra.sweep.dir={sweep}"], timeout=600)
 
     all_runs = [read_run(p) for p in find_runs(sweep)]
@@ -211,12 +212,14 @@ def test_hydra_multirun_jobs_share_one_wandb_group_with_step_history(tmp_path, w
     # the sweep dir, outside the launch dir: absolute; the sweep's report (table, plot) joins the same group
     assert runs[0].group == runs[1].group == reports[0].group == str(sweep)
     assert any(key.startswith("files/sweep") for row in reports[0].history for key in row)
+    assert any(key == "files/sweep_curves" for row in reports[0].history for key in row)  # the speedrunner's plot
     assert sorted(r.config["seed"] for r in runs) == [1, 2]
     assert sorted(r.name.rsplit(",", 1)[-1] for r in runs) == ["seed=1", "seed=2"]
     for run in runs:
         assert run.name.startswith("model=tiny,") and "logger" not in run.name and run.exit_code == 0
         assert [s for s, _ in run.metric("train/loss")] == [0, 1, 2]
         assert run.metric("val/loss") and run.metric("perf/tokens_per_sec")
+        assert run.metric("target/step_to_target") == [(1, 1)] and run.metric("val/train_time_s")
     for job in ("0", "1"):
         record = json.loads((sweep / job / "record.json").read_text())
         assert f"seed={int(job) + 1}" in record["overrides"] and record["sweep_dir"] == str(sweep)

@@ -314,14 +314,16 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.dist = cfg, dist
         self.resumed: dict | None = None  # what `resume` did, for the run record
+        self.extras: dict = {}  # the `extras` of the checkpoint resumed from (e.g. the time-to-target tracker's state)
 
-    def save_if_due(self, step: int, last: bool, model: nn.Module, optimizer, loader) -> None:
+    def save_if_due(self, step: int, last: bool, model: nn.Module, optimizer, loader, **extras) -> None:
         """Save after every checkpoint_interval completed steps and at the end (interval 10: steps 0-9 as step 9)."""
         if is_due(step + 1, self.cfg.checkpoint_interval, last):
-            self.save(step, model, optimizer, loader)
+            self.save(step, model, optimizer, loader, **extras)
 
-    def save(self, step: int, model: nn.Module, optimizer, loader) -> None:
-        """Everything needed to continue bit-exactly; a collective under DDP/FSDP (every rank must call it)."""
+    def save(self, step: int, model: nn.Module, optimizer, loader, **extras) -> None:
+        """Everything needed to continue bit-exactly, plus `extras` (plain values); a collective under DDP/FSDP (every
+        rank must call it)."""
         rngs = [capture_rng_state()]
         if self.dist.world_size > 1:
             rngs = [None] * self.dist.world_size
@@ -335,6 +337,7 @@ class Checkpointer:
                 "loader": loader.state_dict(),  # the stream position, shared by all ranks
                 "rng": rngs,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "extras": extras,
             }
             save(self.dir, step, state, keep=self.cfg.keep_checkpoints)
 
@@ -386,6 +389,7 @@ class Checkpointer:
         loader.load_state_dict(state["loader"])
         rngs = state["rng"]  # one per rank; resuming on more ranks than saved, the new ones start from rank 0's
         restore_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        self.extras = state.get("extras") or {}
         step = state["step"]
         abandoned = self._set_aside_later(step) if self.cfg.resume != "auto" and self.dist.is_main else None
         allowed = changed_settings(saved, current)

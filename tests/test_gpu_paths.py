@@ -52,6 +52,7 @@ def _dtype_spy(monkeypatch, name: str) -> list[torch.dtype]:
 # -- 1. sampling, evaluation and HellaSwag under the run's precision ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_trainer_samples_and_evaluates_under_the_runs_autocast_like_training(monkeypatch, tmp_path):
     seen = _dtype_spy(monkeypatch, "flash")
     hellaswag = tmp_path / "hellaswag.jsonl"

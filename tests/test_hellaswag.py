@@ -123,6 +123,7 @@ def learned_model():
     return model
 
 
+@pytest.mark.slow
 def test_evaluate_picks_the_endings_a_trained_model_learned(tmp_path, learned_model):
     path = write_examples(tmp_path / "hellaswag_val.jsonl", make_examples())
     learned_model.train()

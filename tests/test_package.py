@@ -12,6 +12,7 @@ import pytest
 from helpers import REPO
 
 
+@pytest.mark.slow
 def test_help_says_what_gpt2x_is_and_lists_only_real_choices():
     proc = subprocess.run([sys.executable, "-m", "gpt2x.train", "--help"], cwd=REPO, capture_output=True, text=True,
                           timeout=120)  # fmt: skip

@@ -51,6 +51,7 @@ def test_a_new_run_refuses_a_dir_that_holds_a_run_and_resume_auto_on_a_finished_
     assert summary["final_loss"] is not None and summary["steps"] == 2
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_math_settings_naming_old_and_new_unless_allowed(tmp_path):
     run_dir = tmp_path / "run"
     run_train(run_dir, ["optim.max_steps=2", "checkpoint_interval=1"])
@@ -75,6 +76,7 @@ def test_resume_refuses_changed_math_settings_naming_old_and_new_unless_allowed(
     assert steps == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_resume_of_a_model_of_another_shape_names_both_shapes_and_the_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     run_train(run_dir, ["optim.max_steps=1", "checkpoint_interval=1"])
@@ -87,6 +89,7 @@ def test_resume_of_a_model_of_another_shape_names_both_shapes_and_the_checkpoint
         run_train(run_dir, [f"resume={ckpt}", "optim.max_steps=2", "model.n_embd=128", allow])
 
 
+@pytest.mark.slow
 def test_an_explicit_resume_from_an_older_checkpoint_sets_the_later_ones_aside(tmp_path, caplog):
     run_dir = tmp_path / "run"
     run_train(run_dir, ["optim.max_steps=4", "checkpoint_interval=1", "keep_checkpoints=4"])
@@ -121,6 +124,7 @@ def test_bad_run_settings_are_refused_before_any_work_naming_the_setting(overrid
         validate(compose(TINY + overrides), torch.device("cpu"), 1)
 
 
+@pytest.mark.slow
 def test_a_run_that_never_evaluates_writes_strict_json_with_null_val_loss(tmp_path):
     run_train(tmp_path, ["eval_interval=0", "optim.max_steps=1"])
     text = (tmp_path / "summary.json").read_text()

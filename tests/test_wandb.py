@@ -128,6 +128,7 @@ def test_online_without_credentials_logs_offline_instead_of_prompting(tmp_path, 
     assert path.parent.name.startswith("offline-run-") and read_run(path).metric("train/loss") == [(0, 5.0)]
 
 
+@pytest.mark.slow
 def test_unreachable_server_times_out_falls_back_offline_and_training_goes_on(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # the discard port: refused at once

@@ -21,6 +21,7 @@ import torch
 from helpers import TINY, cli_env, compose, losses, train_cli
 
 from gpt2x.launch import WorkerFailedError, launch
+from gpt2x.run.record import read_run_summary
 from gpt2x.speed import parallel
 
 B, T, K = 2, 32, 2  # micro-batch, sequence length, micro-steps per rank in the 2-process runs
@@ -168,7 +169,7 @@ def test_hydra_multirun_holds_a_ddp_rung_beside_a_single_one(tmp_path):
     """`gpt2x-train -m parallel=single,ddp`: the ddp job starts its own workers inside the sweep (the ladder's use)."""
     # Each option brings its own process count: parallel/single.yaml 1, parallel/ddp.yaml 2.
     train_cli(["-m", *TINY, "parallel=single,ddp", "hydra.sweep.dir=sweep"], cwd=tmp_path)
-    summaries = [json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    summaries = [read_run_summary(tmp_path / "sweep" / str(i)) for i in (0, 1)]  # results beside the run's facts
     assert [s["config"]["parallel"] for s in summaries] == ["single", "ddp"]
     assert [s["world_size"] for s in summaries] == [1, 2]
     assert all(s["tokens_per_sec"] > 0 for s in summaries)

@@ -204,6 +204,10 @@ class TrainConfig:
     resume_allow: list[str] = field(default_factory=list)  # settings a resume may change, e.g. [optim.lr]
     peak_flops: float | None = None  # device peak FLOP/s for MFU; null = table for known GPUs, probe on CPU
     peak_probe: str = "cached"  # where peak_flops comes from a matmul probe: cached (measure once), fresh (every run)
+    target_val_loss: float | None = None  # record step/tokens/time to the first eval at or below it; null = off
+    stop_at_target: bool = False  # end the run at the eval that reaches target_val_loss
+    objective: str = "auto"  # what a sweeper (Optuna) minimizes: auto, final_val_loss, time_to_target_s, ...
+    report_baseline: str | None = None  # sweep report: configuration compared against (its label); null = the first
 
 
 @dataclass

@@ -26,7 +26,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     model runs in eval mode and is put back in the train/eval mode it had. Works on a plain GPT, a torch.compile'd
     one or a DDP/FSDP wrapper (the config is found on `.module`).
     """
-    block_size = _unwrap(model).config.block_size
+    from gpt2x.speed.parallel import unwrap
+
+    block_size = unwrap(model).config.block_size
     was_training = model.training
     model.eval()
     try:
@@ -48,13 +50,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=50, generator=No
     finally:
         model.train(was_training)
     return idx
-
-
-def _unwrap(model):
-    # torch.compile's wrapper forwards attribute access; DDP/FSDP wrappers keep the model in .module
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def sample_texts(

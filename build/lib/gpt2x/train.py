@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -38,6 +39,7 @@ from gpt2x.run.metrics import (
 )
 from gpt2x.run.record import build_run_record, run_summary, write_run_record
 from gpt2x.run.rundir import check_run_dir, last_logged_step, restore_hydra_config
+from gpt2x.run.target import TargetTracker, objective_value
 from gpt2x.sample import sample_texts
 from gpt2x.speed import parallel
 from gpt2x.speed.precision import apply_precision
@@ -133,13 +135,22 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     timer, record = start_run_record(cfg, run_dir, dist, device, precision, raw_model, accum, checkpointer.resumed)
     logger = build_logger(cfg, run_dir, dist.is_main, start_step)
 
+    # training wall time (steps only) and the first eval at or below target_val_loss; continues across a resume
+    target = TargetTracker(cfg.target_val_loss, timer.tokens_per_step, cfg.stop_at_target,
+                           checkpointer.extras.get("target"))  # fmt: skip
+
     last_loss = val_loss = None
     max_steps = cfg.optim.max_steps
     for step in range(start_step, max_steps):
         last = step == max_steps - 1
         metrics = {}
         if is_due(step, cfg.eval_interval, last):
+            t_eval = time.perf_counter()
             metrics["val_loss"] = val_loss = evaluate(model, val_loader, cfg.eval_steps, precision, device)
+            metrics |= target.evaluated(step, val_loss, time.perf_counter() - t_eval)
+            if target.should_stop:  # stop_at_target: the run ends here, before training this step
+                logger.log(step, metrics)
+                break
         if is_due(step, cfg.hellaswag_interval, last):
             # the eager model: every example has its own length, which would recompile a compiled one each time
             metrics["hellaswag"] = hellaswag_accuracy(raw_model, cfg, precision, device, dist)
@@ -170,16 +181,18 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         precision.scaler.step(optimizer)
         precision.scaler.update()
         metrics |= timer.stop()
+        target.add_train_time(metrics["ms_per_batch"] / 1000)
 
         last_loss, norm = loss_accum.item(), grad_norm.item()
         check_finite(step, last_loss, norm, precision, checkpointer)
         metrics |= {"loss": last_loss, "lr": lr, "grad_norm": norm}
         if step % cfg.log_interval == 0 or last or "val_loss" in metrics:
             logger.log(step, metrics | {"peak_mem_bytes": peak_memory_bytes(device)})
-        checkpointer.save_if_due(step, last, raw_model, optimizer, train_loader)
+        checkpointer.save_if_due(step, last, raw_model, optimizer, train_loader, target=target.state_dict())
 
-    results = {"steps": max_steps, "final_loss": last_loss, "final_val_loss": val_loss, **timer.summary(),
-               "peak_mem_bytes": peak_memory_bytes(device)}  # fmt: skip
+    steps = target.reached["step_to_target"] if target.should_stop else max_steps
+    results = {"steps": steps, "final_loss": last_loss, "final_val_loss": val_loss, **timer.summary(),
+               **target.summary(), "peak_mem_bytes": peak_memory_bytes(device)}  # fmt: skip
     logger.finish(results)
     parallel.destroy()
     return run_summary(record, results)
@@ -255,7 +268,7 @@ def hellaswag_accuracy(model, cfg: DictConfig, precision, device: torch.device, 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the sweep objective: final val loss.
+    """Hydra entry point: `gpt2x-train [group=choice ...] [key=value ...]`; returns the sweep objective (`objective`).
 
     Everything that can be refused is refused here, before any worker, data or model: settings (gpt2x.validate) and
     a run dir that holds another run. Ctrl-C ends the run with one line and exit code 130; its checkpoints stay usable.
@@ -276,7 +289,7 @@ def main(cfg: DictConfig) -> float | None:
         print(f"gpt2x-train: interrupted ({why}) after step {step}; checkpoints in {run_dir / 'checkpoints'} are "
               "intact (continue with resume=auto)", file=sys.stderr)  # fmt: skip
         sys.exit(130)
-    return summary.get("final_val_loss")
+    return objective_value(cfg, summary)
 
 
 if __name__ == "__main__":

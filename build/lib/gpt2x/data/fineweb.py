@@ -9,7 +9,7 @@ uninterrupted one. Building 10B tokens takes a while and is never done implicitl
 shards and otherwise says which `gpt2x-prepare` command builds them.
 """
 
-import fcntl
+import contextlib
 import functools
 import hashlib
 import json
@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
 import numpy as np
 from tqdm import tqdm
 
@@ -70,15 +71,18 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+@contextlib.contextmanager
 def _lock(out_dir: Path):
-    """An exclusive lock on `out_dir` (released when the returned file closes), so two preps never interleave."""
-    f = open(out_dir / ".lock", "a")  # "a": never truncates or touches a lock another process holds
+    """An exclusive lock on `out_dir` for the `with` block, so two preps never interleave."""
+    lock = filelock.FileLock(out_dir / ".lock")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
         raise RuntimeError(f"another gpt2x-prepare is writing {out_dir}; wait for it or use another --out") from None
-    return f
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _remove_stale_temps(out_dir: Path) -> None:

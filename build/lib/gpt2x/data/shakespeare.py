@@ -7,10 +7,10 @@ line), so models and samples look like nanoGPT's shakespeare run but with ~4x mo
 
 import hashlib
 import importlib.util
-import os
 import re
-import urllib.request
 from pathlib import Path
+
+import torch
 
 from gpt2x.data.shards import prepare_token_shards
 
@@ -94,10 +94,7 @@ def _sha256(path: Path) -> str:
 
 def _download(url: str, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
-    with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-        f.write(response.read())
-    os.replace(tmp, dest)  # never leave a half-downloaded file under the final name
+    torch.hub.download_url_to_file(url, str(dest), progress=False)  # a temp file, then a rename: never a half file
 
 
 def tinyshakespeare_path(cfg) -> Path:

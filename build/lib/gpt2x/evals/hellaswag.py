@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import json
 import os
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +35,9 @@ def download(split: str = "val", cache_dir: str | os.PathLike = ".") -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     print(f"downloading {URLS[split]} to {path}")
-    with urllib.request.urlopen(URLS[split], timeout=60) as response, open(tmp, "wb") as f:
-        while chunk := response.read(1 << 20):
-            f.write(chunk)
-    os.replace(tmp, path)  # never a half-downloaded file under the final name (several ranks may download at once)
+    # a temp file, then a rename: never a half-downloaded file under the final name (several ranks may download)
+    torch.hub.download_url_to_file(URLS[split], str(path), progress=False)
     return path
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import tempfile
 import warnings
 import zipfile
@@ -25,13 +26,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from gpt2x.config import is_due
-from gpt2x.speed.parallel import DistInfo, _eager, is_fsdp
+from gpt2x.speed.parallel import DistInfo, is_fsdp, unwrap
 
 log = logging.getLogger("gpt2x")
 
 REQUIRED_KEYS = ("model", "optimizer", "step")
 _CKPT_NAME = re.compile(r"^step_(\d{6,})\.pt$")
 _TMP_SUFFIX = ".tmp"  # temp files are ".step_NNNNNN.pt.<random>.tmp": never matched by _CKPT_NAME
+# Test hook: with GPT2X_TEST_KILL_AFTER_CHECKPOINT=N, `save` SIGKILLs its process group (the run, its launcher and
+# workers) right after the checkpoint of step N is on disk: a crash at a known point (tests/test_resume.py).
+TEST_KILL_AFTER_CHECKPOINT = "GPT2X_TEST_KILL_AFTER_CHECKPOINT"
 
 
 class CheckpointError(RuntimeError):
@@ -124,6 +128,8 @@ def save(ckpt_dir: str | os.PathLike, step: int, state: dict, keep: int) -> Path
     others = [path for _, path in reversed(list_checkpoints(ckpt_dir)) if path != final]  # newest first
     for path in others[keep - 1 :]:
         path.unlink(missing_ok=True)
+    if os.environ.get(TEST_KILL_AFTER_CHECKPOINT) == str(step):  # the test hook above
+        os.killpg(0, signal.SIGKILL)
     return final
 
 
@@ -239,9 +245,9 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        eager = _eager(model)
+        eager = unwrap(model)
         return get_model_state_dict(eager, options=options), get_optimizer_state_dict(eager, optimizer, options=options)
-    return _eager(model).state_dict(), optimizer.state_dict()
+    return unwrap(model).state_dict(), optimizer.state_dict()
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
@@ -254,11 +260,11 @@ def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, mo
         )
 
         options = StateDictOptions(full_state_dict=True)
-        eager = _eager(model)
+        eager = unwrap(model)
         set_model_state_dict(eager, model_sd, options=options)
         set_optimizer_state_dict(eager, optimizer, optim_sd, options=options)
         return
-    _eager(model).load_state_dict(model_sd)
+    unwrap(model).load_state_dict(model_sd)
     optimizer.load_state_dict(optim_sd)
 
 
@@ -308,14 +314,16 @@ class Checkpointer:
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.dist = cfg, dist
         self.resumed: dict | None = None  # what `resume` did, for the run record
+        self.extras: dict = {}  # the `extras` of the checkpoint resumed from (e.g. the time-to-target tracker's state)
 
-    def save_if_due(self, step: int, last: bool, model: nn.Module, optimizer, loader) -> None:
+    def save_if_due(self, step: int, last: bool, model: nn.Module, optimizer, loader, **extras) -> None:
         """Save after every checkpoint_interval completed steps and at the end (interval 10: steps 0-9 as step 9)."""
         if is_due(step + 1, self.cfg.checkpoint_interval, last):
-            self.save(step, model, optimizer, loader)
+            self.save(step, model, optimizer, loader, **extras)
 
-    def save(self, step: int, model: nn.Module, optimizer, loader) -> None:
-        """Everything needed to continue bit-exactly; a collective under DDP/FSDP (every rank must call it)."""
+    def save(self, step: int, model: nn.Module, optimizer, loader, **extras) -> None:
+        """Everything needed to continue bit-exactly, plus `extras` (plain values); a collective under DDP/FSDP (every
+        rank must call it)."""
         rngs = [capture_rng_state()]
         if self.dist.world_size > 1:
             rngs = [None] * self.dist.world_size
@@ -329,6 +337,7 @@ class Checkpointer:
                 "loader": loader.state_dict(),  # the stream position, shared by all ranks
                 "rng": rngs,
                 "config": OmegaConf.to_container(self.cfg, resolve=True),
+                "extras": extras,
             }
             save(self.dir, step, state, keep=self.cfg.keep_checkpoints)
 
@@ -369,7 +378,7 @@ class Checkpointer:
                 f"Resume with the checkpoint's values, start a new run (another hydra.run.dir), or accept the change "
                 f"with resume_allow=[{','.join(changes)}]"
             )
-        _check_shapes(path, state["model"], _eager(model).state_dict())
+        _check_shapes(path, state["model"], unwrap(model).state_dict())
         if is_fsdp(model) != (saved.get("parallel", {}).get("name") == "fsdp"):
             raise ResumeError(
                 f"resume from {path}: written under parallel={saved.get('parallel', {}).get('name')}, resumed under "
@@ -380,6 +389,7 @@ class Checkpointer:
         loader.load_state_dict(state["loader"])
         rngs = state["rng"]  # one per rank; resuming on more ranks than saved, the new ones start from rank 0's
         restore_rng_state(rngs[self.dist.rank] if self.dist.rank < len(rngs) else rngs[0])
+        self.extras = state.get("extras") or {}
         step = state["step"]
         abandoned = self._set_aside_later(step) if self.cfg.resume != "auto" and self.dist.is_main else None
         allowed = changed_settings(saved, current)

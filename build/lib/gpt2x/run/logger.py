@@ -41,6 +41,14 @@ WANDB_KEYS = {
     "peak_mem_bytes": "perf/peak_mem",
     "val_loss": "val/loss",
     "hellaswag": "eval/hellaswag",
+    "eval_s": "perf/eval_s",
+    # on eval rows: where the run stands, the x axes of the speedrunner's plot (val/loss against either)
+    "tokens": "val/tokens",
+    "train_time_s": "val/train_time_s",
+    # once, on the eval row that first reaches target_val_loss (gpt2x/target.py)
+    "step_to_target": "target/step_to_target",
+    "tokens_to_target": "target/tokens_to_target",
+    "time_to_target_s": "target/time_to_target_s",
 }
 
 
@@ -181,6 +189,7 @@ CONSOLE_FIELDS = {
     "peak_mem_bytes": lambda v: f"mem {v / 2**30:.2f} GiB",
     "val_loss": lambda v: f"val {v:.4f}",
     "hellaswag": lambda v: f"hella {v:.4f}",
+    "train_time_s": lambda v: f"trained {v:.1f} s",
 }
 
 

@@ -73,15 +73,15 @@ def device_info(device: str | None = None) -> dict[str, Any]:
 
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    from gpt2x.run.metrics import device_name
+
     kind = str(device).split(":")[0]
-    info: dict[str, Any] = {"type": kind, "name": None, "count": 1}
+    info: dict[str, Any] = {"type": kind, "name": device_name(torch.device(device)), "count": 1}
     if kind == "cuda" and torch.cuda.is_available():
-        info["name"] = torch.cuda.get_device_name()
         info["count"] = torch.cuda.device_count()
         info["cuda"] = torch.version.cuda
         info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
     else:
-        info["name"] = platform.processor() or platform.machine()
         info["cpu_count"] = os.cpu_count()
     return info
 

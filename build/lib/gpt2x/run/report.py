@@ -6,7 +6,9 @@ leaves a report marking it, and at the end it prints the table. `gpt2x-report DI
 finished multirun dir, reading each job's `summary.json` (written by the training loop) and `.hydra/overrides.yaml`.
 
 A run is named by its ladder rung when it has one (`rung=bf16`), else by the overrides that differ between the runs of
-the sweep (`precision=bf16 attention=flash`); overrides shared by every run are listed once above the table.
+the sweep (`precision=bf16 attention=flash`); overrides shared by every run are listed once above the table. Runs
+whose names differ only in `seed=` are one configuration: gpt2x/seeds.py adds the per-configuration table
+(`sweep_seeds.csv`, and in `sweep.md` when there are seeds or a target) and the loss curves (`sweep_curves.png`).
 """
 
 from __future__ import annotations
@@ -25,17 +27,21 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2x.run import seeds
 from gpt2x.run.logger import RunLogger, _start_wandb
 from gpt2x.run.record import read_run_summary, run_group
 
 log = logging.getLogger(__name__)
 
-REPORT_FILES = ("sweep.csv", "sweep.md", "sweep.png")
+# sweep_seeds.csv: one row per configuration over its seeds; sweep_curves.png: val loss vs tokens and time (seeds.py)
+REPORT_FILES = ("sweep.csv", "sweep.md", "sweep.png", "sweep_seeds.csv", "sweep_curves.png")
 
 # CSV columns, in order: (key, meaning). Speed figures are the medians over the timed (post-warm-up) steps.
 CSV_COLUMNS = {
     "job": "Hydra job number (empty for a single run)",
     "run": "rung name, or the overrides that set this run apart",
+    "config": "the run's label without its seed: runs that differ only in seed share it",
+    "seed": "the run's seed",
     "status": "ok, or failed (see error)",
     "ms_per_batch": "median wall time of one optimizer step (all micro-steps, device synced)",
     "ms_per_batch_p10": "10th percentile of the step time",
@@ -47,6 +53,13 @@ CSV_COLUMNS = {
     "final_val_loss": "val loss at the last step",
     "peak_mem_bytes": "peak memory of the (rank 0) process",
     "warmup_s": "time of the untimed warm-up steps (includes compilation)",
+    "target_val_loss": "the val loss time to target is measured to (empty: none set)",
+    "step_to_target": "optimizer steps before the first eval at or below the target (empty: not reached)",
+    "tokens_to_target": "tokens trained before that eval",
+    "time_to_target_s": "training wall time before that eval (steps only: evals, samples, checkpoints excluded)",
+    "best_val_loss": "lowest val loss of the run",
+    "best_val_step": "step of the lowest val loss",
+    "train_time_s": "training wall time of all steps",
     "timed_steps": "steps in the timing summary",
     "tokens_per_step": "tokens per optimizer step, all ranks",
     "world_size": "processes",
@@ -80,7 +93,12 @@ def read_job(job_dir: Path) -> dict[str, Any]:
     summary = read_run_summary(job_dir)
     error_path = job_dir / "error.txt"
     error = error_path.read_text().strip().splitlines()[0] if error_path.exists() else None
-    return {"job": _job_num(job_dir), "dir": job_dir, "overrides": overrides, "summary": summary, "error": error}
+    config_path = job_dir / ".hydra" / "config.yaml"
+    seed = OmegaConf.select(OmegaConf.load(config_path), "seed", default=None) if config_path.exists() else None
+    return {
+        "job": _job_num(job_dir), "dir": job_dir, "overrides": overrides, "summary": summary, "error": error,
+        "seed": seed,
+    }  # fmt: skip
 
 
 def common_overrides(jobs: list[dict]) -> list[str]:
@@ -91,8 +109,11 @@ def common_overrides(jobs: list[dict]) -> list[str]:
     return [o for o in jobs[0]["overrides"] if o in shared]
 
 
-def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Rows of the report (one per job, CSV_COLUMNS keys) and facts shared by the sweep (title, device, common)."""
+def build_rows(sweep_dir: Path, baseline: str | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows of the report (one per job, CSV_COLUMNS keys) and facts shared by the sweep (title, device, common).
+
+    Speed-ups are against the first run of configuration `baseline` (a `config` label; None = the first run).
+    """
     jobs = [read_job(d) for d in find_jobs(sweep_dir)]
     common = common_overrides(jobs) if len(jobs) > 1 else []
     rows = []
@@ -102,12 +123,15 @@ def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if j["job"] is None:  # a single run (gpt2x-report RUN_DIR): its own dir names it; overrides have a column
             label = s.get("rung") or j["dir"].name
         else:
-            label = s.get("rung") or _rung_override(j["overrides"]) or " ".join(own) or f"run {j['job']}"
+            config, seed = config_label(s.get("rung") or _rung_override(j["overrides"]), own)
+            label = " ".join(filter(None, (config, seed))) or f"run {j['job']}"
         ok = "ms_per_batch" in s
         row = {k: s.get(k) for k in CSV_COLUMNS}
         row |= {
             "job": j["job"],
             "run": label,
+            "config": config or "all",
+            "seed": j["seed"],
             "status": "ok" if ok else ("failed" if j["error"] or j["summary"] is None else "no timed steps"),
             "overrides": " ".join(j["overrides"]),
             "run_dir": str(j["dir"]),
@@ -115,7 +139,11 @@ def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "speedup": None,
         }
         rows.append(row)
-    base = next((r for r in rows if r["status"] == "ok"), None)
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    if baseline is not None and baseline not in configs:
+        valid = ", ".join(repr(c) for c in configs)
+        raise ValueError(f"report_baseline={baseline!r} is not a configuration of this sweep; valid: {valid}")
+    base = next((r for r in rows if r["status"] == "ok" and baseline in (None, r["config"])), None)
     for r in rows:
         if base and r["status"] == "ok":
             r["speedup"] = base["ms_per_batch"] / r["ms_per_batch"]
@@ -125,6 +153,8 @@ def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "title": first.get("experiment") or "sweep",
         "sweep_dir": str(sweep_dir),
         "baseline": base["run"] if base else None,
+        "baseline_setting": baseline,
+        "has_target": any(r["target_val_loss"] is not None for r in rows),
         "common": common,
         "devices": sorted({s.get("device_name") or "?" for s in summaries}),
         "torch": first.get("torch_version"),
@@ -134,6 +164,14 @@ def build_rows(sweep_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         "written": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     return rows, meta
+
+
+def config_label(rung: str | None, own: list[str]) -> tuple[str, str]:
+    """(configuration, seed) labels of a run: the rung and its own overrides but `seed=`, and the `seed=` override."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in own]
+    seed = " ".join(o for o, k in zip(own, keys, strict=True) if k == "seed")
+    rest = [o for o, k in zip(own, keys, strict=True) if k not in ("seed", "rung")]
+    return " ".join(([rung] if rung else []) + rest), seed
 
 
 def _rung_override(overrides: list[str]) -> str | None:
@@ -169,13 +207,21 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"- every run: `{' '.join(meta['common'])}`")
     if meta["tokens_per_step"]:
         lines.append(f"- tokens per optimizer step: {', '.join(f'{t:,}' for t in meta['tokens_per_step'])}")
+    against = f"report_baseline={meta['baseline_setting']}" if meta["baseline_setting"] else "the first run"
     lines.append(
         "- ms/batch: median wall time of one optimizer step incl. all micro-steps, device-synced, warm-up steps "
-        "(and compilation) excluded; p10-p90 in brackets. Speed-up vs the first run"
+        f"(and compilation) excluded; p10-p90 in brackets. Speed-up vs {against}"
         + (f" ({meta['baseline']})." if meta["baseline"] else ".")
     )
-    lines += ["", "| # | run | ms/batch (p10-p90) | tokens/s | MFU | speed-up | loss | val loss | peak mem | warm-up |"]
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    target_cols = meta["has_target"]
+    if target_cols:
+        lines.append(
+            "- to target: tokens and training seconds (steps only: evals, samples, checkpoints excluded; compilation "
+            "included) before the first eval at or below target_val_loss; `-` = not reached (best val loss shown)"
+        )
+    header = "| # | run | ms/batch (p10-p90) | tokens/s | MFU | speed-up | loss | val loss | peak mem | warm-up |"
+    lines += ["", header + (" tokens to target | time to target |" if target_cols else "")]
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if target_cols else ""))
     for r in rows:
         if r["status"] == "ok":
             spread = f"{_fmt(r['ms_per_batch_p10'], 'ms')}-{_fmt(r['ms_per_batch_p90'], 'ms')}"
@@ -194,14 +240,21 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             _fmt(r["peak_mem_bytes"], "gib"),
             _fmt(r["warmup_s"], "s"),
         ]
+        if target_cols:
+            missed = f"- (best {_fmt(r['best_val_loss'], 'loss')})" if r["status"] == "ok" else "-"
+            reached = r["tokens_to_target"] is not None
+            cells += [_fmt(r["tokens_to_target"], "int") if reached else missed, _fmt(r["time_to_target_s"], "s")]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    if groups := meta.get("groups"):
+        if meta["has_target"] or any(g["n"] > 1 for g in groups):
+            lines += ["", seeds.render_groups_markdown(groups, _fmt)]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """All CSV_COLUMNS, one row per run, raw numbers (fractions, bytes, ms)."""
+def write_csv(rows: list[dict[str, Any]], path: Path, columns=CSV_COLUMNS) -> None:
+    """All `columns`, one row per run (or per configuration), raw numbers (fractions, bytes, ms)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(columns))
         writer.writeheader()
         writer.writerows(rows)
 
@@ -250,24 +303,43 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(sweep_dir: str | Path, echo: bool = False) -> dict[str, Path]:
-    """Write sweep.csv, sweep.md and sweep.png into `sweep_dir` from its job dirs; print the table when `echo`."""
+def write_report(sweep_dir: str | Path, echo: bool = False, baseline: str | None = None) -> dict[str, Path]:
+    """Write the REPORT_FILES into `sweep_dir` from its job dirs; print the table when `echo`.
+
+    `baseline`: the configuration speed-ups and p-values are against (the `report_baseline` setting; None = first).
+    """
     sweep_dir = Path(sweep_dir)
-    rows, meta = build_rows(sweep_dir)
+    rows, meta = build_rows(sweep_dir, baseline)
     if not rows:
         raise FileNotFoundError(
             f"{sweep_dir} holds no Hydra job dirs (*/.hydra/overrides.yaml); give the dir of a multirun "
             f"(hydra.sweep.dir, e.g. outputs/multirun/<date>/<time>)"
         )
     paths = {name: sweep_dir / name for name in REPORT_FILES}
+    meta["groups"] = seeds.compare_groups(rows, baseline)
     write_csv(rows, paths["sweep.csv"])
+    write_csv(meta["groups"], paths["sweep_seeds.csv"], seeds.GROUP_CSV_COLUMNS)
     markdown = render_markdown(rows, meta)
     paths["sweep.md"].write_text(markdown, encoding="utf-8")
     plot(rows, meta, paths["sweep.png"])
+    seeds.plot_curves(rows, meta["title"], paths["sweep_curves.png"])
     if echo:
         print(markdown, flush=True)
         print(f"report: {', '.join(str(p) for p in paths.values())}", flush=True)
     return paths
+
+
+def write_report_with_baseline(sweep_dir: Path, config: DictConfig, echo: bool = False) -> dict[str, Path]:
+    """`write_report` against the config's `report_baseline`; one that names no configuration of the sweep is
+    reported and the first configuration used instead, so the sweep still gets its report."""
+    baseline = OmegaConf.select(config, "report_baseline", default=None)
+    try:
+        return write_report(sweep_dir, echo=echo, baseline=baseline)
+    except ValueError as e:
+        if baseline is None:
+            raise
+        log.warning("%s; comparing against the first configuration instead", e)
+        return write_report(sweep_dir, echo=echo)
 
 
 class SweepReport(Callback):
@@ -289,14 +361,14 @@ class SweepReport(Callback):
             out = Path(str(hydra_cfg.runtime.output_dir))
             (out / "error.txt").write_text(f"{type(error).__name__}: {error}\n", encoding="utf-8")
         try:
-            write_report(self.sweep_dir)
+            write_report_with_baseline(self.sweep_dir, config)
         except Exception as e:  # noqa: BLE001 - a report problem must never fail the sweep itself
             log.warning("sweep report not written: %s", e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = self.sweep_dir or Path(str(config.hydra.sweep.dir)).absolute()
         try:
-            paths = write_report(sweep_dir, echo=True)
+            paths = write_report_with_baseline(sweep_dir, config, echo=True)
             log_sweep_report(config, sweep_dir, paths.values())
         except Exception as e:  # noqa: BLE001
             log.warning("sweep report not written: %s", e)
@@ -307,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpt2x-report", description=main.__doc__)
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun dir (hydra.sweep.dir)")
     parser.add_argument("-q", "--quiet", action="store_true", help="write the files without printing the table")
+    parser.add_argument("--baseline", help="the configuration to compare against (its label in the report)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         parser.error(f"{args.sweep_dir} is not a directory; give the dir of a multirun (hydra.sweep.dir)")
     try:
-        write_report(args.sweep_dir, echo=not args.quiet)
-    except FileNotFoundError as e:
+        write_report(args.sweep_dir, echo=not args.quiet, baseline=args.baseline)
+    except (FileNotFoundError, ValueError) as e:
         parser.error(str(e))
     return 0
 

@@ -205,9 +205,13 @@ def destroy() -> None:
 # -- model transforms ------------------------------------------------------------------------------------------------
 
 
-def _eager(model: nn.Module) -> nn.Module:
-    # torch.compile returns a wrapper that calls the eager module; wrappers and sharding act on the eager one.
-    return getattr(model, "_orig_mod", model)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself inside torch.compile's and DDP's wrappers (FSDP2 shards in place: no wrapper)."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (model.module if isinstance(model, DDP) else None)
+        if inner is None:
+            return model
+        model = inner
 
 
 def apply_single(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
@@ -263,7 +267,7 @@ def parallelize(model: nn.Module, cfg: DictConfig, device: torch.device, param_d
 
 def is_fsdp(model: nn.Module) -> bool:
     """Whether the model's weights are sharded by FSDP2 (so forward passes are collectives)."""
-    return isinstance(_eager(model), FSDPModule)
+    return isinstance(unwrap(model), FSDPModule)
 
 
 def maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
@@ -275,7 +279,7 @@ def maybe_no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
     if isinstance(model, DDP):
         return contextlib.nullcontext() if sync else model.no_sync()
     if is_fsdp(model):
-        _eager(model).set_requires_gradient_sync(sync)
+        unwrap(model).set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 

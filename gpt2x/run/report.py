@@ -121,7 +121,7 @@ def build_rows(sweep_dir: Path, baseline: str | None = None) -> tuple[list[dict[
         s = j["summary"] or {}
         own = [o for o in j["overrides"] if o not in common]
         if j["job"] is None:  # a single run (gpt2x-report RUN_DIR): its own dir names it; overrides have a column
-            label = s.get("rung") or j["dir"].name
+            config = label = s.get("rung") or j["dir"].name
         else:
             config, seed = config_label(s.get("rung") or _rung_override(j["overrides"]), own)
             label = " ".join(filter(None, (config, seed))) or f"run {j['job']}"

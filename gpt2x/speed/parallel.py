@@ -197,8 +197,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def destroy() -> None:
-    """Leave the process group (a no-op in a single process)."""
+    """Leave the process group (a no-op in a single process).
+
+    The barrier first lets gloo's worker threads finish (and free) the collectives still in flight while this thread
+    waits without the GIL: freeing a finished all_gather_object's work needs the GIL, and the group's destructor,
+    which runs later with the GIL held (when the DDP model goes), waits for those threads: a deadlock otherwise.
+    """
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

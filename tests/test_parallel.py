@@ -236,11 +236,12 @@ def test_ddp_outside_a_launcher_says_how_to_start_workers(monkeypatch):
 @pytest.mark.slow
 def test_fsdp_with_compile_compiles_each_block_without_graph_breaks(tmp_path):
     """FSDP2 needs the blocks compiled before they are sharded: a whole-model compile made first graph-breaks in
-    FSDP's hooks and runs mostly eager. Dynamo's own log must show the block's forward compiled on each rank, once,
-    and no graph break anywhere."""
+    FSDP's hooks and runs mostly eager. Dynamo's own log must show the block's forward and the loss compiled on each
+    rank, once, and no graph break anywhere."""
     import inspect
 
     from gpt2x.model.gpt import Block
+    from gpt2x.model.loss import plain_loss
 
     args = [*TINY, "peak_flops=1e12", "optim.max_steps=2", "eval_interval=0", "sample_interval=0", "parallel=fsdp",
             "parallel.nproc_per_node=2", "compile=default", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
@@ -253,4 +254,6 @@ def test_fsdp_with_compile_compiles_each_block_without_graph_breaks(tmp_path):
     assert "graph break" not in log.lower(), [line for line in log.splitlines() if "graph break" in line.lower()]
     traced = [line.split("start tracing ", 1)[1] for line in log.splitlines() if "start tracing " in line]
     block_forward = f"forward {inspect.getsourcefile(Block)}:{inspect.getsourcelines(Block.forward)[1]}"
-    assert traced == [block_forward, block_forward], traced  # one compiled graph per rank, reused by every block
+    loss = f"plain_loss {inspect.getsourcefile(plain_loss)}:{inspect.getsourcelines(plain_loss)[1]}"
+    # each rank compiles one Block graph (reused by every block) and the output layer with its loss, nothing else
+    assert sorted(traced) == sorted([block_forward, loss] * 2), traced

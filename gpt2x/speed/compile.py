@@ -64,8 +64,8 @@ def _prepare_compile(cfg: CompileConfig) -> None:
     torch._dynamo.reset()
 
 
-def apply_compile(model: nn.Module, cfg: CompileConfig) -> nn.Module:
-    """Return the whole model compiled as configured (or unchanged for compile=none).
+def apply_compile(model, cfg: CompileConfig):
+    """Return the whole model (or a function) compiled as configured (or unchanged for compile=none).
 
     The caller keeps the eager module for sampling: generation grows the sequence one token at a time, and every new
     length would be a recompile. Training and validation share the compiled module (eval mode is one extra graph).

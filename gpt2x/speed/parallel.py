@@ -251,6 +251,9 @@ def apply_fsdp(model: nn.Module, cfg: DictConfig, device: torch.device, param_dt
     mp_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     blocks = model.transformer.h
     compile_blocks(blocks, cfg.compile)
+    # The output layer and its loss (most of a small model's step: the (B, T, vocab) logits and their softmax) run in
+    # the root unit; compiled apart, as torchtitan compiles its loss, they fuse as they do in a whole-model compile.
+    model.loss_fn = apply_compile(model.loss_fn, cfg.compile)
     for i, block in enumerate(blocks):
         # The last block's weights are needed again at once by the backward pass: keep them gathered (torchtitan).
         reshard = cfg.parallel.reshard_after_forward and i < len(blocks) - 1

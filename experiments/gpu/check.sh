@@ -99,7 +99,7 @@ checkpoint_resume() {
   train "${args[@]}"
   ms_per_batch "$dir" >"$WORK/checkpoint_resume.ms"
   cp "$dir/metrics.jsonl" "$WORK/straight.jsonl"
-  rm "$dir/checkpoints/step_000005.pt"
+  rm "$dir/checkpoints/step_000005.pt" "$dir/summary.json"  # an unfinished run again (a finished one stays finished)
   train "${args[@]}" resume=auto
   "$VENV/bin/python" - "$WORK/straight.jsonl" "$dir/metrics.jsonl" >"$WORK/checkpoint_resume.note" <<'PY'
 import json, sys
@@ -144,7 +144,7 @@ ddp_compile() {
 }
 fp16_scaler_fused() {
   short_run fp16_scaler_fused "GradScaler, fused AdamW, fused_ce" model=small precision=fp16 attention=sdpa \
-    optim.fused=true model.fused_ce=true optim.max_steps=8
+    optim.fused=true loss=fused optim.max_steps=8
 }
 ladder_gpu() {
   local dir=$WORK/ladder_gpu

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -30,9 +31,13 @@ def test_help_says_what_gpt2x_is_and_lists_only_real_choices():
 
 @pytest.mark.slow
 def test_a_wheel_carries_its_configs_and_trains_from_a_fresh_venv(tmp_path):
+    # built from a copy of the sources, so the build leaves nothing (build/, egg-info) in the checkout
+    source = tmp_path / "source"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "outputs", "build", "*.egg-info",
+                                                                "wandb", "__pycache__", ".*_cache"))  # fmt: skip
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-                    str(REPO)], check=True, capture_output=True, timeout=300)  # fmt: skip
+                    str(source)], check=True, capture_output=True, timeout=300)  # fmt: skip
     (wheel,) = wheels.glob("gpt2x-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "gpt2x/conf/config.yaml" in names and "gpt2x/conf/model/tiny.yaml" in names

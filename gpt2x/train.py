@@ -246,7 +246,7 @@ def start_run_record(cfg, run_dir: Path, dist, device, precision, raw_model, acc
     timer = StepTimer(device, cfg.timing_warmup_steps, facts["tokens_per_step"], facts["flops_per_token"], peak, world)
     record = build_run_record(cfg, facts)
     if dist.is_main:
-        write_run_record(cfg, run_dir, facts)
+        write_run_record(cfg, run_dir, facts, record=record)  # the record built above, not a second one
         log.info(
             "model=%s (%.2fM params) data=%s B=%d T=%d accum=%d world=%d device=%s precision=%s attention=%s "
             "loss=%s compile=%s", cfg.model.name, facts["params"] / 1e6, cfg.data.name, B, T, accum, world, device,

@@ -117,14 +117,16 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def write_run_record(cfg: DictConfig, run_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write `run_dir/record.json` (see `build_run_record`) and return its path.
+def write_run_record(
+    cfg: DictConfig, run_dir: str | Path, extra: dict[str, Any] | None = None, record: dict[str, Any] | None = None
+) -> Path:
+    """Write `run_dir/record.json` (`record`, or `build_run_record(cfg, extra)`) and return its path.
 
     A resumed run keeps the records of its earlier starts under `previous` (oldest first), so a run's record shows
     every config it ran under.
     """
     path = Path(run_dir) / "record.json"
-    record = build_run_record(cfg, extra)
+    record = dict(record) if record is not None else build_run_record(cfg, extra)
     if path.exists() and (extra or {}).get("resumed"):
         try:
             old = json.loads(path.read_text(encoding="utf-8"))

@@ -288,6 +288,11 @@ def _wrap(text: str, width: int = 116) -> list[str]:
     return textwrap.wrap(text, width)
 
 
+def _div(a: int, b: int) -> int:
+    """`${gpt2x_div:a,b}`: a // b, so a setting can scale with another (conf/technique/window.yaml: seq_len / 2)."""
+    return int(a) // int(b)
+
+
 register_configs()
-for _name, _fn in (("gpt2x_choices", _help_choices), ("gpt2x_run_keys", _help_run_keys)):
+for _name, _fn in (("gpt2x_choices", _help_choices), ("gpt2x_run_keys", _help_run_keys), ("gpt2x_div", _div)):
     OmegaConf.register_new_resolver(_name, _fn, replace=True)

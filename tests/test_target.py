@@ -105,7 +105,7 @@ def test_the_sweeper_objective_is_time_to_target_with_a_target_and_the_final_val
 
 def test_the_speedrun_experiments_are_the_final_ladder_rung_with_a_target_that_stops_the_run():
     cpu = compose(["+experiment=speedrun_baseline"])
-    gpu = compose(["+experiment=speedrun_gpu"])
+    gpu = compose(["+experiment=speedrun_baseline_gpu"])
     for cfg in (cpu, gpu):
         chosen = (cfg.precision.name, cfg.attention.name, cfg.compile.name, cfg.model.vocab_size, cfg.optim.fused)
         assert chosen == ("bf16", "flash", "default", 50304, True) and cfg.loss.name == "plain"

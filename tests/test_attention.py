@@ -56,8 +56,8 @@ def test_manual_attention_is_causal():
 @pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
 def test_check_attention_agrees_with_running_the_kernel(name, dtype):
     # a kernel that check_attention rejects must also refuse to run (no silent fallback to another backend), and one it
-    # accepts must run
-    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype) for _ in range(3))
+    # accepts must run; inputs that need gradients, as in training (CPU FlexAttention runs forward only)
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype, requires_grad=True) for _ in range(3))
     if _available(name, dtype) is None:
         assert ATTENTION_KERNELS[name](q, k, v).shape == q.shape
     else:

@@ -163,18 +163,20 @@ def _check_windows(m) -> None:
             f"(model.short_window) letters, cycled over the layers, e.g. L or SSSL"
         )
     if m.window is None:
-        if "S" in pattern or m.short_window is not None:
+        if "S" in pattern:
             raise ValueError(
-                f"model.window_pattern={pattern} / model.short_window={m.short_window} need a sliding window: set "
-                "model.window (tokens each query sees), or keep model.window_pattern=L and model.short_window=null"
+                f"model.window_pattern={pattern} has S (short-window) layers, which need model.window; set "
+                "model.window (tokens each query sees) or use model.window_pattern=L (null window: full causal)"
             )
+        if m.short_window is not None:
+            raise ValueError(f"model.short_window={m.short_window} needs model.window (null: full causal); set both")
         return
     if m.window < 1:
         raise ValueError(f"model.window={m.window} must be at least 1 (a token sees itself), or null for full causal")
-    if "S" in pattern:
-        short = m.window // 2 if m.short_window is None else m.short_window
-        if short < 1:
-            raise ValueError(
-                f"model.short_window={m.short_window} gives the S layers of model.window_pattern={pattern} a window "
-                f"of {short} (null = model.window // 2 = {m.window // 2}); set model.short_window >= 1"
-            )
+    if m.short_window is not None and m.short_window < 1:
+        raise ValueError(f"model.short_window={m.short_window} must be at least 1, or null for model.window // 2")
+    if "S" in pattern and m.short_window is None and m.window // 2 < 1:
+        raise ValueError(
+            f"model.window={m.window} leaves the S layers of model.window_pattern={pattern} a window of "
+            f"{m.window} // 2 = 0 (model.short_window=null); set model.short_window >= 1"
+        )

@@ -15,8 +15,9 @@ and head sizes 16, 64, 65, forward and backward:
 - FlexAttention (attention=flex) runs forward only on CPU ("FlexAttention does not support backward on CPU"), so it is
   a CUDA-only choice for training.
 
-A sliding window is a band mask: SDPA takes it as attn_mask (math and efficient backends; flash takes no mask, so
-attention=flash refuses a window), manual applies it itself, flex skips the blocks outside the band.
+A sliding window is a band mask: SDPA takes it as attn_mask (math and efficient backends, and the CPU flash kernel; the
+CUDA flash kernel takes no mask, so attention=flash refuses a window on CUDA rather than fall back to another
+backend), manual applies it itself, flex skips the blocks outside the band.
 """
 
 import functools
@@ -110,7 +111,9 @@ def flex_attention(q, k, v, window=None):
     128 x 128 scores outside the band are skipped, not computed and masked, so a window saves work (the speedrun's
     kernel). CUDA only for training; on CPU it runs forward only, unfused."""
     block_mask = _flex_block_mask(q.size(-2), window, q.device)
-    if q.device.type == "cpu":
+    if q.device.type == "cpu" or not torch.is_grad_enabled():
+        # unfused: on CPU (forward only), and without gradients, i.e. sampling, whose length grows every call and
+        # would recompile the kernel each time (inside a compiled model, inductor fuses this call all the same)
         from torch.nn.attention.flex_attention import flex_attention as eager_flex
 
         return eager_flex(q, k, v, block_mask=block_mask)  # (B, nh, T, hs)
@@ -173,11 +176,11 @@ def check_attention(name, device, dtype, head_dim=None, window=None):
             f"attention=efficient is not available on {device.type}: PyTorch's memory-efficient SDPA kernel is "
             f"CUDA-only; {alternatives}"
         )
-    if name == "flash" and window is not None:
+    if name == "flash" and device.type == "cuda" and window is not None:
         raise ValueError(
-            f"attention=flash cannot apply model.window={window}: SDPA's flash backend takes no attention mask, only "
-            f"is_causal; use attention=flex (CUDA; skips the blocks outside the window), or attention=sdpa, math or "
-            f"manual (a band mask)"
+            f"attention=flash cannot apply model.window={window} on cuda: SDPA's CUDA flash backend takes no attention "
+            f"mask, only is_causal; use attention=flex (skips the blocks outside the window), or attention=sdpa, "
+            f"efficient, math or manual (a band mask)"
         )
     if name == "flex" and device.type != "cuda":
         raise ValueError(

@@ -20,7 +20,8 @@ from gpt2x.model.attention import ATTENTION_KERNELS, band_mask, check_attention,
 from gpt2x.model.components import ACTIVATIONS, NORMS, POSITIONS, RotaryPositions, apply_rotary, layer_windows
 from gpt2x.model.gpt import GPT
 from gpt2x.model.hf import export_hf, from_pretrained
-from gpt2x.sample import generate
+from gpt2x.run import checkpoint
+from gpt2x.sample import generate, load_model, sample_texts
 from gpt2x.validate import validate
 
 SMALL = dict(block_size=32, vocab_size=256, n_layer=4, n_head=2, n_embd=32)
@@ -277,10 +278,17 @@ def test_every_position_kind_samples_and_crops_the_context_to_block_size():
 def test_a_model_with_every_choice_on_trains(tmp_path, precision):
     # through the training loop: validation, the run's precision, evaluation and sampling (which crash if a choice
     # breaks them) at the end
+    keep = 8 if precision == "fp32" else 0  # one checkpoint, to sample from below
     run_train(tmp_path, [*ALL_CHOICES, f"precision={precision}", "optim.max_steps=8", "optim.lr=3e-3",
-                         "eval_interval=8", "sample_interval=8"])  # fmt: skip
+                         "eval_interval=8", "sample_interval=8", f"checkpoint_interval={keep}"])  # fmt: skip
     got = losses(tmp_path)
     assert len(got) == 8 and got[-1] < got[0] - 0.5, got
+    if precision != "fp32":
+        return
+    # gpt2x-sample rebuilds the model from the checkpoint's config, every choice included
+    model = load_model(str(checkpoint.list_checkpoints(tmp_path / "checkpoints")[-1][1]), None)
+    assert (model.config.value_embeds, model.config.window, model.config.position) == (1, 8, "rope")
+    assert sample_texts(model, "To be", 1, 5)[0].startswith("To be")
 
 
 @pytest.mark.slow

@@ -32,6 +32,21 @@ class ModelConfig:
     block_size: int = 1024  # longest context the position embedding covers
     vocab_size: int = 50257  # 50304 pads to a multiple of 128 ("nice numbers"); padding rows are never predicted
     init_from: str | None = None  # a transformers GPT-2 hub name or local dir to start from instead of random init
+    # Architecture choices (gpt2x/model/components.py; README "Modern recipe: model choices"). Each default is GPT-2
+    # as published; the alternatives are the modded-nanogpt speedrun's.
+    position: str = "learned"  # learned (GPT-2's wpe) | rope (rotary on q and k, no wpe)
+    rope_base: float = 10000.0  # RoPE's wavelength base: pair i turns by pos * rope_base^(-2i/head_dim)
+    norm: str = "layernorm"  # layernorm (GPT-2) | rmsnorm
+    norm_gain: bool = True  # the norms have a learned gain (layernorm: and bias); false: no parameters, as the speedrun
+    qk_norm: bool = False  # normalize q and k per head (with model.norm's kind) before attention
+    activation: str = "gelu_tanh"  # MLP activation: gelu_tanh (GPT-2) | relu2 (relu(x)^2)
+    tie_embeddings: bool = True  # lm_head is wte (GPT-2); false: a separate output layer (normal init, std 0.02)
+    logit_softcap: float | None = None  # c: logits = c * tanh(logits / c) in loss, eval and sampling; null = off
+    init: str = "gpt2"  # gpt2 (std 0.02, residual c_proj scaled by 1/sqrt(2 n_layer)) | zero_proj (c_proj zeros)
+    window: int | None = None  # sliding-window attention: token t sees tokens t-window+1..t; null = full causal
+    short_window: int | None = None  # the window of the "S" layers of window_pattern; null = window // 2
+    window_pattern: str = "L"  # L/S letters cycled over the layers (L: window, S: short_window), e.g. SSSL
+    value_embeds: int = 0  # N extra token-embedding tables mixed into the values of the first and last N layers
 
 
 @dataclass

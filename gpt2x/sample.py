@@ -91,16 +91,17 @@ def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def sampling_attention(trained: str, device: torch.device, dtype: torch.dtype, head_dim: int = 64) -> str:
+def sampling_attention(trained: str, device: torch.device, dtype: torch.dtype, head_dim: int = 64, window=None) -> str:
     """The trained attention kernel if it runs on (device, dtype), else sdpa (PyTorch picks a backend that does).
 
     The kernel is not part of the weights: a model trained with attention=flash under bf16 samples just as well with
-    sdpa in fp32, where flash has no CUDA kernel.
+    sdpa in fp32, where flash has no CUDA kernel, and one trained with attention=flex on a GPU samples on a CPU with
+    sdpa's band mask (`window`: the model's smallest sliding window, None for none).
     """
     from gpt2x.model.attention import check_attention
 
     try:
-        check_attention(trained, device, dtype, head_dim)
+        check_attention(trained, device, dtype, head_dim, window)
         return trained
     except ValueError as e:
         log.info("sampling with attention=sdpa instead of the trained %s: %s", trained, e)
@@ -111,6 +112,7 @@ def load_model(checkpoint_path: str | None, pretrained: str | None, device: str 
     """A GPT from a gpt2x training checkpoint or from transformers GPT-2 weights (hub name or local dir), with an
     attention kernel that runs on `device` in `dtype`."""
     from gpt2x.config import ModelConfig
+    from gpt2x.model.components import smallest_window
     from gpt2x.model.gpt import GPT
     from gpt2x.model.hf import from_pretrained
     from gpt2x.run import checkpoint
@@ -124,7 +126,9 @@ def load_model(checkpoint_path: str | None, pretrained: str | None, device: str 
         state = checkpoint.load(checkpoint_path)
         m = {k: v for k, v in state["config"]["model"].items() if k != "fused_ce"}  # older checkpoints had fused_ce
         trained = state["config"]["attention"]["name"]
-        model = GPT(ModelConfig(**m), sampling_attention(trained, device, dtype, m["n_embd"] // m["n_head"]))
+        config = ModelConfig(**m)
+        attention = sampling_attention(trained, device, dtype, m["n_embd"] // m["n_head"], smallest_window(config))
+        model = GPT(config, attention)
         model.load_state_dict(state["model"])
     return model.to(device).eval()
 

@@ -15,6 +15,7 @@ from gpt2x.data import DATASETS
 from gpt2x.data.tokenizer import N_VOCAB
 from gpt2x.extras import import_extra
 from gpt2x.model.attention import check_attention
+from gpt2x.model.components import check_model, smallest_window
 from gpt2x.model.loss import LOSSES
 from gpt2x.run.metrics import check_peak_settings
 from gpt2x.run.target import check_target_settings
@@ -43,7 +44,8 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     _check_run_keys(cfg)
     check_precision(cfg.precision, device)
     dtype = AUTOCAST_DTYPES.get(cfg.precision.autocast_dtype, torch.float32)
-    check_attention(cfg.attention.name, device, dtype, cfg.model.n_embd // cfg.model.n_head)
+    head_dim = cfg.model.n_embd // cfg.model.n_head
+    check_attention(cfg.attention.name, device, dtype, head_dim, smallest_window(cfg.model))
     if cfg.loss.name not in LOSSES:
         raise ValueError(f"loss={cfg.loss.name!r} is unknown; valid: {', '.join(LOSSES)}")
     check_compile(cfg.compile, device)
@@ -68,10 +70,12 @@ def _check_model_and_data(cfg: DictConfig) -> None:
             f"model.vocab_size={m.vocab_size} is smaller than GPT-2's {N_VOCAB} tokens; use {N_VOCAB} or a padded "
             "size such as 50304"
         )
-    if m.n_embd % m.n_head:
-        raise ValueError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
+    check_model(m)
     if m.init_from:
         import_extra("transformers", "hf", f"model.init_from={m.init_from}")
+        from gpt2x.model.hf import check_gpt2_format
+
+        check_gpt2_format(m, f"model.init_from={m.init_from} loads GPT-2 weights")
 
 
 def _check_run_keys(cfg: DictConfig) -> None:

@@ -11,19 +11,21 @@ from gpt2x.model.gpt import GPT
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
-def _available(name, dtype, device="cpu"):
+def _available(name, dtype, device="cpu", window=None):
     try:
-        check_attention(name, device, dtype, head_dim=16)
+        check_attention(name, device, dtype, head_dim=16, window=window)
     except ValueError as e:
         return str(e)
     return None
 
 
+@pytest.mark.parametrize("window", [None, 5], ids=["causal", "window5"])
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("T", [1, 37])
 @pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
-def test_kernel_matches_manual_attention_outputs_and_gradients(name, T, dtype):
-    reason = _available(name, dtype)
+def test_kernel_matches_manual_attention_outputs_and_gradients(name, T, dtype, window):
+    # with a window, the same band mask as the manual kernel's (whose band is checked in test_model_components.py)
+    reason = _available(name, dtype, window=window)
     if reason:
         pytest.skip(reason)
     g = torch.Generator().manual_seed(0)
@@ -31,7 +33,7 @@ def test_kernel_matches_manual_attention_outputs_and_gradients(name, T, dtype):
 
     def run(kernel):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        y = kernel(*leaves)
+        y = kernel(*leaves, window)
         y.backward(dy)
         return [y.detach()] + [t.grad for t in leaves]
 
@@ -52,17 +54,18 @@ def test_manual_attention_is_causal():
     assert not torch.allclose(y[:, :, 5:], y2[:, :, 5:])
 
 
+@pytest.mark.parametrize("window", [None, 4], ids=["causal", "window4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", list(ATTENTION_KERNELS))
-def test_check_attention_agrees_with_running_the_kernel(name, dtype):
+def test_check_attention_agrees_with_running_the_kernel(name, dtype, window):
     # a kernel that check_attention rejects must also refuse to run (no silent fallback to another backend), and one it
-    # accepts must run
-    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype) for _ in range(3))
-    if _available(name, dtype) is None:
-        assert ATTENTION_KERNELS[name](q, k, v).shape == q.shape
+    # accepts must run; inputs that need gradients, as in training (CPU FlexAttention runs forward only)
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=dtype, requires_grad=True) for _ in range(3))
+    if _available(name, dtype, window=window) is None:
+        assert ATTENTION_KERNELS[name](q, k, v, window).shape == q.shape
     else:
         with pytest.raises(RuntimeError):
-            ATTENTION_KERNELS[name](q, k, v)
+            ATTENTION_KERNELS[name](q, k, v, window)
 
 
 def test_flash_attention_runs_on_cpu_in_this_torch():

@@ -41,9 +41,9 @@ def _dtype_spy(monkeypatch, name: str) -> list[torch.dtype]:
     """Wrap the real kernel `name` so that each call records the dtype of q reaching it."""
     seen, kernel = [], attention.ATTENTION_KERNELS[name]
 
-    def spy(q, k, v):
+    def spy(q, k, v, window=None):
         seen.append(q.dtype)
-        return kernel(q, k, v)
+        return kernel(q, k, v, window)
 
     monkeypatch.setitem(attention.ATTENTION_KERNELS, name, spy)
     return seen

@@ -3,6 +3,7 @@
 transformers' GPT-2 stores its linear layers as Conv1D, i.e. weights of shape (in, out); nn.Linear wants (out, in).
 """
 
+import dataclasses
 import math
 
 import torch
@@ -12,6 +13,33 @@ from gpt2x.model.gpt import GPT
 
 _CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+# the model.<field> choices whose non-default values GPT-2's format (GPT2LMHeadModel) has no place for; model.init is
+# not one (it only says how random weights start), nor rope_base, short_window, window_pattern (they act only through
+# position=rope or a window, which are)
+_ARCHITECTURE_CHOICES = ("position", "norm", "norm_gain", "qk_norm", "activation", "tie_embeddings", "logit_softcap",
+                         "window", "value_embeds")  # fmt: skip
+_SIZES = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size"}
+_CHOICES = {f.name for f in dataclasses.fields(ModelConfig)} - _SIZES - {"name", "init_from"}
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_gpt2_format(config, what: str) -> None:
+    """Raise ValueError, naming `what` and each model.<field>=<value>, if `config` sets an architecture choice that
+    GPT-2's format cannot hold (rope, rmsnorm, qk_norm, relu2, untied embeddings, softcap, window, value embeddings):
+    loading or writing its weights as GPT-2 would silently make a different model."""
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    bad = [k for k in _ARCHITECTURE_CHOICES if getattr(config, k) != defaults[k]]
+    if bad:
+        got = ", ".join(f"model.{k}={_yaml(getattr(config, k))}" for k in bad)
+        keep = ", ".join(f"model.{k}={_yaml(defaults[k])}" for k in bad)
+        raise ValueError(
+            f"{what}, whose format (transformers GPT2LMHeadModel) cannot hold {got}; use GPT-2's {keep}, or train "
+            "from scratch and keep the gpt2x checkpoint"
+        )
+
 
 def from_pretrained(name_or_dir, attention: str = "sdpa", loss: str = "plain", **overrides) -> GPT:
     """Load GPT-2 weights from a Hugging Face hub name ("gpt2", "gpt2-medium", ...) or a save_pretrained directory.
@@ -19,7 +47,7 @@ def from_pretrained(name_or_dir, attention: str = "sdpa", loss: str = "plain", *
     `attention` and `loss` pick kernels; `overrides` change model settings that do not alter the checkpoint's weights:
     vocab_size (padding rows are added, zero-initialized and masked out of the logits), block_size (<= the
     checkpoint's, position embeddings are cropped). Architecture fields (n_layer, n_head, n_embd) may be passed only
-    if they equal the checkpoint's.
+    if they equal the checkpoint's, and the architecture choices (position, norm, ...) only at GPT-2's values.
     """
     from gpt2x.extras import import_extra
 
@@ -36,10 +64,11 @@ def from_pretrained(name_or_dir, attention: str = "sdpa", loss: str = "plain", *
         ) from e
     _check_is_gpt2(name_or_dir, hf_config)
 
-    fields = {"n_layer", "n_head", "n_embd", "block_size", "vocab_size"}
+    fields = _SIZES | _CHOICES
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"unknown model override(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    check_gpt2_format(ModelConfig(**overrides), f"model.init_from={name_or_dir} loads GPT-2 weights")
     ckpt = dict(n_layer=hf_config.n_layer, n_head=hf_config.n_head, n_embd=hf_config.n_embd)
     for key, value in ckpt.items():
         if key in overrides and overrides[key] != value:
@@ -90,6 +119,7 @@ def export_hf(model: GPT, out_dir):
     GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
 
     c = model.config
+    check_gpt2_format(c, f"export_hf writes GPT-2 weights to {out_dir}")
     hf_config = GPT2Config(
         vocab_size=model.real_vocab_size,
         n_positions=c.block_size,

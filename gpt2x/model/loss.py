@@ -23,8 +23,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, n_valid: int, chunk_size: int):
-        # x (N, C) hidden states, weight (V, C) output layer, targets (N,); columns >= n_valid are vocab padding
+    def forward(ctx, x, weight, targets, n_valid: int, chunk_size: int, softcap: float | None = None):
+        # x (N, C) hidden states, weight (V, C) output layer, targets (N,); columns >= n_valid are vocab padding;
+        # softcap c: the logits are c * tanh(logits / c) (model.logit_softcap)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         cols = torch.arange(weight.size(0), device=x.device)  # (V,)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -34,6 +35,9 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = xc @ weight.t()  # (n, V): the only logits that exist at any time
             mm_dtype = logits.dtype  # what autocast runs the matmuls in
             logits = logits.float()
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)  # (n, V), finite even in the padding columns
+                logits = softcap * capped
             logits = logits.masked_fill(cols >= n_valid, float("-inf"))  # padding rows are never predicted
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
             valid = (tc != IGNORE_INDEX).unsqueeze(1)  # (n, 1)
@@ -42,6 +46,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             if need_grad:
                 # d(sum of CE)/d logits = softmax - one_hot(target), zero for ignored tokens
                 grad_logits = torch.where(valid, torch.exp(logits - lse) - target.float(), 0.0)  # (n, V) fp32
+                if softcap is not None:
+                    grad_logits = grad_logits * (1.0 - capped * capped)  # chain rule: d(c tanh(z/c))/dz = 1 - tanh^2
                 gx, gw = _logit_grad_matmuls(grad_logits, weight, xc, mm_dtype)
                 grad_x.append(gx.to(x.dtype))  # (n, C)
                 grad_w = gw if grad_w is None else grad_w + gw  # (V, C), summed over chunks in fp32
@@ -53,7 +59,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None
+        return grad_x * grad_loss.to(grad_x.dtype), grad_w * grad_loss.to(grad_w.dtype), None, None, None, None
 
 
 def _logit_grad_matmuls(grad_logits, weight, xc, mm_dtype):
@@ -70,15 +76,15 @@ def _logit_grad_matmuls(grad_logits, weight, xc, mm_dtype):
         return grad_logits @ weight.float(), grad_logits.t() @ xc.float()
 
 
-def linear_cross_entropy(x, weight, targets, n_valid: int | None = None, chunk_size: int = 4096):
+def linear_cross_entropy(x, weight, targets, n_valid: int | None = None, chunk_size: int = 4096, softcap=None):
     """Mean cross-entropy of the logits x @ weight.T against targets, never holding more than chunk_size rows of them.
 
     x (B, T, C) or (N, C), weight (V, C), targets with x's leading shape; logits of columns >= n_valid (vocab padding)
-    are -inf, and targets equal to -100 are ignored.
+    are -inf, and targets equal to -100 are ignored. With softcap c the logits are first capped to c * tanh(logits / c).
     """
     x2 = x.reshape(-1, x.size(-1))
     n_valid = weight.size(0) if n_valid is None else n_valid
-    return LinearCrossEntropy.apply(x2, weight, targets.reshape(-1), n_valid, chunk_size)
+    return LinearCrossEntropy.apply(x2, weight, targets.reshape(-1), n_valid, chunk_size, softcap)
 
 
 def plain_loss(model, x, targets, return_logits: bool):
@@ -90,7 +96,8 @@ def plain_loss(model, x, targets, return_logits: bool):
 
 def fused_loss(model, x, targets, return_logits: bool):
     """Output layer and loss fused, a chunk of tokens at a time: no logits exist, so none are returned."""
-    return None, linear_cross_entropy(x, model.lm_head.weight, targets, model.real_vocab_size)
+    softcap = model.config.logit_softcap
+    return None, linear_cross_entropy(x, model.lm_head.weight, targets, model.real_vocab_size, softcap=softcap)
 
 
 # loss.name -> function(model, hidden states, targets, return_logits) -> (logits or None, loss)

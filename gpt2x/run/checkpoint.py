@@ -251,7 +251,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Load state written by `full_state_dicts` (each rank passes the whole dicts; FSDP keeps its own shards)."""
+    """Load state written by `full_state_dicts` (each rank passes the whole dicts; FSDP keeps its own shards).
+
+    The optimizer's moments come from the checkpoint, its hyperparameters (each param group's base_lr, weight decay,
+    betas) from this run's config: a change that resume_allow accepts (optim.lr) takes effect, and a checkpoint
+    written before a group setting existed (base_lr) still loads.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    _load_full_state_dicts(model, optimizer, model_sd, optim_sd)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
+def _load_full_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY, compose, losses, read_metrics, run_train, tiny_corpus
+from omegaconf import OmegaConf
 from torch import nn
 
 from gpt2x.config import ModelConfig, OptimConfig
 from gpt2x.model.gpt import GPT
 from gpt2x.optim import CombinedOptimizer, build_optimizer, lr_at, lr_scale
 from gpt2x.run import checkpoint
-from gpt2x.run.checkpoint import load_full_state_dicts
+from gpt2x.run.checkpoint import changed_settings, load_full_state_dicts
 from gpt2x.validate import validate
 
 
@@ -328,3 +329,13 @@ def test_muon_on_fsdp_row_shards_orthogonalizes_the_whole_matrix_not_each_shard(
         mp.spawn(_muon_step_on_row_shards, args=(port, out), nprocs=2)
         sharded, own_rows = out["sharded"], out["own_rows"]
     assert sharded < 0.1 and own_rows > 0.2, (sharded, own_rows)
+
+
+def test_a_checkpoint_written_before_the_schedule_and_muon_settings_existed_resumes_at_their_defaults():
+    saved = OmegaConf.to_container(compose([]), resolve=True)
+    for key in ("schedule", "cooldown_fraction", "muon_lr", "embed_lr"):
+        del saved["optim"][key]
+    current = OmegaConf.to_container(compose([]), resolve=True)
+    assert changed_settings(saved, current) == {}
+    trapezoid = OmegaConf.to_container(compose(["optim.schedule=trapezoid"]), resolve=True)
+    assert changed_settings(saved, trapezoid) == {"optim.schedule": ("<absent>", "trapezoid")}

@@ -101,11 +101,18 @@ class FinewebDataConfig(DataConfig):
 
 @dataclass
 class OptimConfig:
-    """AdamW with decoupled weight decay on 2D weights, linear warmup then cosine decay to min_lr_ratio * lr."""
+    """The optimizer (`name`: a key of gpt2x.optim.OPTIMIZERS) and its lr schedule (a key of gpt2x.optim.SCHEDULES).
+
+    adamw: AdamW over every parameter, decoupled weight decay on 2D weights. muon: torch.optim.Muon for the hidden
+    weight matrices (`transformer.h.*`, 2D), AdamW (the settings below) for embeddings, head, gains and biases. The
+    schedule scales every parameter group's own peak lr by the same factor (gpt2x.optim.lr_scale).
+    """
 
     name: str = "adamw"
-    lr: float = 6e-4  # peak learning rate, reached after warmup
-    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak
+    lr: float = 6e-4  # peak learning rate of AdamW, reached after warmup (the logged `lr` is this times the schedule)
+    schedule: str = "cosine"  # cosine: warmup, cosine to min_lr_ratio; trapezoid: warmup, flat, linear cooldown to 0
+    min_lr_ratio: float = 0.1  # cosine: final lr as a fraction of the peak
+    cooldown_fraction: float = 0.4  # trapezoid: the last fraction of max_steps over which the lr falls linearly to 0
     warmup_steps: int = 10
     max_steps: int = 100  # optimizer steps in the run
     weight_decay: float = 0.1  # applied to matmul weights and embeddings only, never biases or norms
@@ -116,6 +123,17 @@ class OptimConfig:
     fused: bool | None = None  # fused AdamW kernel; null = on where the device supports it (CUDA)
     # multi-tensor (foreach) AdamW when not fused; null = PyTorch's choice (foreach on CUDA), false = per-tensor loop
     foreach: bool | None = None
+    # muon: Muon's peak lr for the hidden matrices; its scale depends on muon_adjust_lr (0.02 with "original")
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95  # muon: momentum of the gradient average that is orthogonalized
+    muon_nesterov: bool = True  # muon: orthogonalize the Nesterov look-ahead rather than the momentum buffer
+    muon_weight_decay: float = 0.0  # muon: decoupled weight decay of the hidden matrices (times the muon lr)
+    # muon: per-shape lr scale, torch's adjust_lr_fn: "original" (Keller Jordan's sqrt(max(1, rows/cols)), lrs ~0.02)
+    # or "match_rms_adamw" (Moonshot's 0.2*sqrt(max(rows, cols)): update RMS like AdamW's, lrs ~ AdamW's)
+    muon_adjust_lr: str = "original"
+    embed_lr: float | None = None  # muon: AdamW peak lr of the embeddings (wte, wpe, value embeddings); null = lr
+    head_lr: float | None = None  # muon: AdamW peak lr of an untied lm_head (a tied one is wte's); null = lr
+    scalar_lr: float | None = None  # muon: AdamW peak lr of gains, biases and other <2D parameters; null = lr
 
 
 @dataclass

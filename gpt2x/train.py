@@ -25,7 +25,7 @@ from gpt2x.config import CONFIG_PATH, is_due
 from gpt2x.data import build_loader, prepare_dataset
 from gpt2x.model.gpt import GPT
 from gpt2x.model.hf import from_pretrained
-from gpt2x.optim import build_optimizer, lr_at
+from gpt2x.optim import build_optimizer, lr_scale
 from gpt2x.run.checkpoint import Checkpointer, ResumeError
 from gpt2x.run.logger import build_logger
 from gpt2x.run.metrics import (
@@ -175,9 +175,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         parallel.all_reduce_mean(loss_accum)
         precision.scaler.unscale_(optimizer)
         grad_norm = parallel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        lr = lr_at(step, cfg.optim)
+        scale = lr_scale(step, cfg.optim)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = scale * group["base_lr"]  # each group's own peak lr (optim=muon: several)
+        lr = scale * cfg.optim.lr  # logged: the schedule at optim.lr, AdamW's peak
         precision.scaler.step(optimizer)
         precision.scaler.update()
         metrics |= timer.stop()

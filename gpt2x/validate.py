@@ -17,6 +17,7 @@ from gpt2x.extras import import_extra
 from gpt2x.model.attention import check_attention
 from gpt2x.model.components import check_model, smallest_window
 from gpt2x.model.loss import LOSSES
+from gpt2x.optim import check_optim
 from gpt2x.run.metrics import check_peak_settings
 from gpt2x.run.target import check_target_settings
 from gpt2x.speed.compile import check_compile
@@ -41,6 +42,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     """Fail before any work on settings that cannot run together here; each error names the settings involved."""
     _check_model_and_data(cfg)
     grad_accum_steps(cfg, world_size)
+    check_optim(cfg.optim)
     _check_run_keys(cfg)
     check_precision(cfg.precision, device)
     dtype = AUTOCAST_DTYPES.get(cfg.precision.autocast_dtype, torch.float32)
@@ -79,16 +81,6 @@ def _check_model_and_data(cfg: DictConfig) -> None:
 
 
 def _check_run_keys(cfg: DictConfig) -> None:
-    o = cfg.optim
-    if o.max_steps < 1:
-        raise ValueError(f"optim.max_steps={o.max_steps} must be at least 1")
-    if not o.lr > 0:
-        raise ValueError(f"optim.lr={o.lr} must be positive (GPT-2 124M used 6e-4)")
-    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or o.grad_clip < 0:
-        raise ValueError(
-            f"optim.warmup_steps={o.warmup_steps}, optim.min_lr_ratio={o.min_lr_ratio}, optim.grad_clip={o.grad_clip}: "
-            "need warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and grad_clip >= 0 (0 = no clipping)"
-        )
     if cfg.log_interval < 1:
         raise ValueError(f"log_interval={cfg.log_interval} must be at least 1 (1 logs every step)")
     for key in ("eval_interval", "sample_interval", "hellaswag_interval", "checkpoint_interval", "timing_warmup_steps"):

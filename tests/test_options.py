@@ -15,12 +15,14 @@ from gpt2x.config import GROUPS
 from gpt2x.data import DATASETS
 from gpt2x.model.attention import ATTENTION_KERNELS
 from gpt2x.model.loss import LOSSES
+from gpt2x.optim import OPTIMIZERS, SCHEDULES
 from gpt2x.speed.compile import COMPILE_MODES, check_compile
 from gpt2x.speed.parallel import PARALLEL_STRATEGIES
 from gpt2x.speed.precision import AUTOCAST_DTYPES, MATMUL_PRECISIONS
 
 # Config groups whose option name is the key of a name -> code table.
-TABLES = {"attention": ATTENTION_KERNELS, "loss": LOSSES, "parallel": PARALLEL_STRATEGIES, "data": DATASETS}
+TABLES = {"attention": ATTENTION_KERNELS, "loss": LOSSES, "parallel": PARALLEL_STRATEGIES, "data": DATASETS,
+          "optim": OPTIMIZERS}
 # Overrides an option needs to compose at all (a mandatory `???` field).
 REQUIRED = {("data", "text"): ["data.path=/tmp"]}
 # torch.compile modes reachable only as `compile=default compile.mode=<mode>`, without an option file of their own.
@@ -86,3 +88,8 @@ def test_every_compile_mode_has_an_option_file_or_is_listed_as_override_only(mod
         f"compile mode {mode!r}: give it a conf/compile/{mode}.yaml or list it in COMPILE_MODES_WITHOUT_OPTION "
         "(exactly one of the two)"
     )
+
+
+@pytest.mark.parametrize("name", yaml_options("optim"))
+def test_every_optim_option_uses_a_schedule_the_code_knows(name):
+    assert option("optim", name).schedule in SCHEDULES

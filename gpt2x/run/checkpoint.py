@@ -6,6 +6,7 @@ never runs arbitrary pickled code. A save writes a temp file, fsyncs it and rena
 leaves the previous checkpoint intact and nothing partial under a `step_*.pt` name.
 """
 
+import dataclasses
 import datetime
 import errno
 import logging
@@ -251,7 +252,19 @@ def full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 
 def load_full_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Load state written by `full_state_dicts` (each rank passes the whole dicts; FSDP keeps its own shards)."""
+    """Load state written by `full_state_dicts` (each rank passes the whole dicts; FSDP keeps its own shards).
+
+    The optimizer's moments come from the checkpoint, its hyperparameters (each param group's base_lr, weight decay,
+    betas) from this run's config: a change that resume_allow accepts (optim.lr) takes effect, and a checkpoint
+    written before a group setting existed (base_lr) still loads.
+    """
+    settings = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    _load_full_state_dicts(model, optimizer, model_sd, optim_sd)
+    for group, own in zip(optimizer.param_groups, settings, strict=True):
+        group.update(own)
+
+
+def _load_full_state_dicts(model: nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
     if is_fsdp(model):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
@@ -287,9 +300,31 @@ def _flatten(tree, prefix: str = "") -> dict:
     return flat
 
 
+_NO_DEFAULT = object()
+
+
+def _schema_default(key: str, current: dict):
+    """The default that gpt2x/config.py gives the setting `key` (e.g. optim.schedule), or _NO_DEFAULT."""
+    from gpt2x.config import DATA_SCHEMAS, GROUPS, TrainConfig
+
+    group, _, name = key.partition(".")
+    if not name:
+        schema, name = TrainConfig, group
+    elif group == "data":
+        schema = DATA_SCHEMAS.get(current.get("data", {}).get("name"))
+    else:
+        schema = GROUPS.get(group)
+    field = {f.name: f for f in dataclasses.fields(schema)}.get(name) if schema else None
+    return _NO_DEFAULT if field is None or field.default is dataclasses.MISSING else field.default
+
+
 def changed_settings(saved: dict, current: dict, allowed: Iterable[str] = ()) -> dict[str, tuple]:
     """The math settings (MATH_SETTINGS) whose value differs between two resolved configs, as key -> (old, new),
-    leaving out the keys in NOT_MATH and those named (or under a name) in `allowed`."""
+    leaving out the keys in NOT_MATH and those named (or under a name) in `allowed`.
+
+    A setting the checkpoint's config lacks that is at its schema default now is no change: it was added to gpt2x
+    after the checkpoint was written, and a new setting's default keeps what the code did before.
+    """
     old, new = _flatten(saved), _flatten(current)
     allowed = tuple(allowed)
     changes = {}
@@ -297,6 +332,8 @@ def changed_settings(saved: dict, current: dict, allowed: Iterable[str] = ()) ->
         if not key.startswith(tuple(f"{k}." for k in MATH_SETTINGS) + MATH_SETTINGS) or key in NOT_MATH:
             continue
         if any(key == a or key.startswith(f"{a}.") for a in allowed):
+            continue
+        if key not in old and key in new and new[key] == _schema_default(key, current):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             changes[key] = (old.get(key, "<absent>"), new.get(key, "<absent>"))

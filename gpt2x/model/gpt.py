@@ -127,7 +127,9 @@ class GPT(nn.Module):
         """The output layer: (B, T, C) hidden states -> (B, T, vocab_size) logits, padding columns at -inf."""
         logits = self.lm_head(x)  # (B, T, vocab_size)
         if self.config.vocab_size > self.real_vocab_size:
-            # in place on the few padding columns only: far cheaper than a (B, T, V) bias add, and autograd allows it
-            # because the matmul's backward does not need its output
-            logits[..., self.real_vocab_size :] = float("-inf")
+            # In place on the few padding columns, and hidden from autograd: recorded, the write would cost the
+            # backward a copy of the whole (B, T, V) gradient to zero those columns, which cross-entropy already leaves
+            # at zero (softmax of -inf). Allowed because the matmul's backward does not need its output.
+            with torch.no_grad():
+                logits[..., self.real_vocab_size :] = float("-inf")
         return logits

@@ -172,6 +172,14 @@ class CompileConfig:
 
 
 @dataclass
+class ActivationCheckpointConfig:
+    """Which activations the transformer blocks keep for backward; `name` is a key of
+    gpt2x.speed.checkpointing.ACTIVATION_CHECKPOINTS."""
+
+    name: str = "none"  # none: keep all; full: keep each block's input only; selective: keep matmul/attention outputs
+
+
+@dataclass
 class ParallelConfig:
     """Data parallelism over processes started by torch.distributed's elastic launcher (or torchrun)."""
 
@@ -210,6 +218,7 @@ class TrainConfig:
     attention: AttentionConfig = MISSING
     loss: LossConfig = MISSING
     compile: CompileConfig = MISSING
+    activation_checkpoint: ActivationCheckpointConfig = MISSING
     parallel: ParallelConfig = MISSING
     logger: LoggerConfig = MISSING
 
@@ -257,6 +266,7 @@ GROUPS = {
     "attention": AttentionConfig,
     "loss": LossConfig,
     "compile": CompileConfig,
+    "activation_checkpoint": ActivationCheckpointConfig,
     "parallel": ParallelConfig,
     "logger": LoggerConfig,
 }

@@ -241,7 +241,7 @@ def start_run_record(cfg, run_dir: Path, dist, device, precision, raw_model, acc
         "rung": cfg.rung,
         "experiment": cfg.experiment,
         "config_choices": {k: cfg[k].name for k in ("model", "data", "precision", "attention", "loss", "compile",
-                                                    "parallel")},  # fmt: skip
+                                                    "activation_checkpoint", "parallel")},  # fmt: skip
         "resumed": resumed,
     }
     timer = StepTimer(device, cfg.timing_warmup_steps, facts["tokens_per_step"], facts["flops_per_token"], peak, world)

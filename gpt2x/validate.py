@@ -20,6 +20,7 @@ from gpt2x.model.loss import LOSSES
 from gpt2x.optim import check_optim
 from gpt2x.run.metrics import check_peak_settings
 from gpt2x.run.target import check_target_settings
+from gpt2x.speed.checkpointing import check_activation_checkpoint
 from gpt2x.speed.compile import check_compile
 from gpt2x.speed.parallel import check_parallel
 from gpt2x.speed.precision import AUTOCAST_DTYPES, check_precision
@@ -51,6 +52,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     if cfg.loss.name not in LOSSES:
         raise ValueError(f"loss={cfg.loss.name!r} is unknown; valid: {', '.join(LOSSES)}")
     check_compile(cfg.compile, device)
+    check_activation_checkpoint(cfg.activation_checkpoint)
     check_peak_settings(cfg.peak_probe, cfg.peak_flops)
     check_target_settings(cfg)
     check_parallel(cfg.parallel, cfg.precision, device, world_size)

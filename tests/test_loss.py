@@ -75,3 +75,18 @@ def test_training_forward_can_skip_the_logits_and_gets_the_same_loss():
     no_logits, same = model(idx, targets, return_logits=False)
     assert logits.shape == (2, 8, 50304) and no_logits is None
     assert same.item() == loss.item()
+
+
+@pytest.mark.slow  # one cold inductor compile
+def test_compiled_loss_only_path_of_a_padded_vocab_matches_eager_and_leaves_padding_rows_untrained():
+    # compiled, the -inf write hidden from autograd (GPT.logits) becomes part of the graph's softmax kernel
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=16, vocab_size=50304, n_layer=1, n_head=2, n_embd=16), real_vocab_size=50257)
+    idx, targets = torch.randint(0, 50257, (2, 2, 16)).unbind(0)
+    _, want = model(idx, targets, return_logits=False)
+    (want_grad,) = torch.autograd.grad(want, [model.lm_head.weight])
+    _, got = torch.compile(model)(idx, targets, return_logits=False)
+    (got_grad,) = torch.autograd.grad(got, [model.lm_head.weight])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    assert got_grad[50257:].abs().max() == 0  # padding rows learn nothing

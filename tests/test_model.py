@@ -127,6 +127,47 @@ def test_padded_vocab_gives_the_same_loss_and_never_predicts_padding():
     assert out.max() < 50257
 
 
+class _RecordedMaskGPT(GPT):
+    """The padding mask as autograd records it: the form GPT.logits avoids, kept here as the reference."""
+
+    def logits(self, x):
+        logits = self.lm_head(x)
+        logits[..., self.real_vocab_size :] = float("-inf")
+        return logits
+
+
+def _backward_ops(loss):
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            todo += [f for f, _ in fn.next_functions]
+    return {type(fn).__name__ for fn in seen}
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_padding_mask_adds_no_backward_op_and_leaves_gradients_bit_identical(dtype):
+    # cross-entropy's gradient at a -inf logit is softmax = 0, so hiding the -inf write from autograd changes no
+    # gradient, and saves the backward the CopySlices node (a copy of the whole (B, T, V) gradient)
+    torch.manual_seed(0)
+    config = ModelConfig(block_size=16, vocab_size=50304, **TINY)
+    model, recorded = GPT(config, real_vocab_size=50257), _RecordedMaskGPT(config, real_vocab_size=50257)
+    recorded.load_state_dict(model.state_dict())
+    idx, targets = torch.randint(0, 50257, (2, 2, 16)).unbind(0)
+    losses = []
+    for m in (model, recorded):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits, loss = m(idx, targets)
+        assert torch.isneginf(logits[..., 50257:]).all()
+        loss.backward()
+        losses.append(loss)
+    assert "CopySlices" in _backward_ops(losses[1]) and "CopySlices" not in _backward_ops(losses[0])
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(model.named_parameters(), recorded.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad), name
+
+
 def test_sequence_longer_than_block_size_is_refused_before_any_work():
     from helpers import compose
 

@@ -183,7 +183,10 @@ class GPT(nn.Module):
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits.float() / c)
         if self.config.vocab_size > self.real_vocab_size:
-            # in place on the few padding columns only: far cheaper than a (B, T, V) bias add, and autograd allows it
-            # because the matmul's backward does not need its output (nor does the softcap's scaling)
-            logits[..., self.real_vocab_size :] = float("-inf")
+            # In place on the few padding columns, and hidden from autograd: recorded, the write would cost the
+            # backward a copy of the whole (B, T, V) gradient to zero those columns, which cross-entropy already leaves
+            # at zero (softmax of -inf). Allowed because neither the matmul's backward nor the softcap's scaling by c
+            # needs its output.
+            with torch.no_grad():
+                logits[..., self.real_vocab_size :] = float("-inf")
         return logits

@@ -1,9 +1,10 @@
 """Data parallelism once the processes run (gpt2x/launch.py starts them): the process group, and the transforms that
 make a built model train on several ranks.
 
-`parallelize` applies torch.compile and DDP/FSDP in the order PyTorch documents for each layout (torchtitan's):
-`apply_ddp` wraps the whole compiled model; `apply_fsdp` compiles each transformer block, then shards each block and
-the root with FSDP2's `fully_shard`, casting to the precision group's dtype for compute.
+`parallelize` applies activation checkpointing, torch.compile and DDP/FSDP in the order PyTorch documents for each
+layout (torchtitan's): checkpointing first, in every layout; `apply_ddp` wraps the whole compiled model; `apply_fsdp`
+compiles each transformer block, then shards each block and the root with FSDP2's `fully_shard`, casting to the
+precision group's dtype for compute.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2x.config import ParallelConfig, PrecisionConfig
+from gpt2x.speed.checkpointing import apply_activation_checkpointing
 from gpt2x.speed.compile import apply_compile, compile_blocks
 
 log = logging.getLogger("gpt2x")
@@ -266,11 +268,15 @@ PARALLEL_STRATEGIES = {"single": apply_single, "ddp": apply_ddp, "fsdp": apply_f
 
 
 def parallelize(model: nn.Module, cfg: DictConfig, device: torch.device, param_dtype=None) -> nn.Module:
-    """The model to train: compiled (compile group) and wrapped or sharded (parallel group), in the documented order.
+    """The model to train: its blocks checkpointed (activation_checkpoint group), compiled (compile group), then
+    wrapped or sharded (parallel group), in the documented order.
 
     `param_dtype` is FSDP's compute dtype (the precision group's autocast dtype). Keep `model` itself for sampling,
-    evaluation of variable-length inputs and checkpoints.
+    evaluation of variable-length inputs and checkpoints (activation checkpointing changes none of its keys, and
+    recomputes nothing where no gradients are taken).
     """
+    # first: compile then traces the checkpointed blocks, and FSDP's hooks run around each checkpointed block
+    apply_activation_checkpointing(model, cfg.activation_checkpoint)
     return PARALLEL_STRATEGIES[cfg.parallel.name](model, cfg, device, param_dtype)
 
 

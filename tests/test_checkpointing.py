@@ -20,9 +20,16 @@ from gpt2x.validate import validate
 CHECKPOINTED = ["full", "selective"]
 
 
-def _model_and_batch():
+# every model choice of the speedrun recipe at once: rotary, RMSNorm, QK-norm, ReLU², untied, softcap, zero-init,
+# long/short windows and value embeddings (whose tables reach the blocks as an extra argument)
+MODERN = dict(position="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_embeddings=False,
+              logit_softcap=15.0, init="zero_proj", window=8, short_window=4, window_pattern="SL", value_embeds=1)
+
+
+def _model_and_batch(**choices):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32), real_vocab_size=50257)
+    config = ModelConfig(block_size=16, vocab_size=50304, n_layer=2, n_head=2, n_embd=32, **choices)
+    model = GPT(config, real_vocab_size=50257)
     idx, targets = torch.randint(0, 50257, (2, 2, 16)).unbind(0)
     return model, idx, targets
 
@@ -57,9 +64,10 @@ def _kept_bytes(model, idx, targets) -> int:
     return kept
 
 
+@pytest.mark.parametrize("choices", [{}, MODERN], ids=["gpt2", "modern"])
 @pytest.mark.parametrize("name", CHECKPOINTED)
-def test_checkpointed_model_has_the_loss_gradients_and_keys_of_the_plain_one(name):
-    model, idx, targets = _model_and_batch()
+def test_checkpointed_model_has_the_loss_gradients_and_keys_of_the_plain_one(name, choices):
+    model, idx, targets = _model_and_batch(**choices)
     plain = copy.deepcopy(model)
     apply_activation_checkpointing(model, ActivationCheckpointConfig(name=name))
     assert list(model.state_dict()) == list(plain.state_dict())  # checkpoints and the HF export rely on these keys

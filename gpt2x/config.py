@@ -166,6 +166,19 @@ class LoggerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a few training steps (gpt2x/run/profile.py); name `none` adds nothing to the loop."""
+
+    name: str = "none"  # none, trace: a key of gpt2x.run.profile.PROFILERS
+    start_step: int = 3  # first recorded step (trace.yaml: ${timing_warmup_steps}, the first timed step)
+    steps: int = 3  # recorded steps; profile.md gives the mean per step
+    record_shapes: bool = False  # input shapes of each op in the trace (more overhead, larger file)
+    with_stack: bool = False  # Python stack of each op in the trace (much more overhead and a larger file)
+    memory: bool = False  # allocations in the trace; on CUDA also memory_snapshot.pickle (pytorch.org/memory_viz)
+    top_ops: int = 15  # operators listed in profile.md's top table
+
+
+@dataclass
 class TrainConfig:
     """Root config: the groups plus run-level settings."""
 
@@ -179,6 +192,7 @@ class TrainConfig:
     compile: CompileConfig = MISSING
     parallel: ParallelConfig = MISSING
     logger: LoggerConfig = MISSING
+    profile: ProfileConfig = MISSING
 
     experiment: str | None = None  # name of the experiment preset, if any (W&B job_type, report title)
     rung: str | None = None  # name of the optimization-ladder rung, if any
@@ -226,6 +240,7 @@ GROUPS = {
     "compile": CompileConfig,
     "parallel": ParallelConfig,
     "logger": LoggerConfig,
+    "profile": ProfileConfig,
 }
 DATA_SCHEMAS = {
     "shakespeare": ShakespeareDataConfig,

@@ -17,6 +17,7 @@ from gpt2x.extras import import_extra
 from gpt2x.model.attention import check_attention
 from gpt2x.model.loss import LOSSES
 from gpt2x.run.metrics import check_peak_settings
+from gpt2x.run.profile import check_profile
 from gpt2x.run.target import check_target_settings
 from gpt2x.speed.compile import check_compile
 from gpt2x.speed.parallel import check_parallel
@@ -49,6 +50,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     check_compile(cfg.compile, device)
     check_peak_settings(cfg.peak_probe, cfg.peak_flops)
     check_target_settings(cfg)
+    check_profile(cfg.profile, cfg.optim.max_steps)
     check_parallel(cfg.parallel, cfg.precision, device, world_size)
 
 

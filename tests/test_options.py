@@ -15,12 +15,19 @@ from gpt2x.config import GROUPS
 from gpt2x.data import DATASETS
 from gpt2x.model.attention import ATTENTION_KERNELS
 from gpt2x.model.loss import LOSSES
+from gpt2x.run.profile import PROFILERS
 from gpt2x.speed.compile import COMPILE_MODES, check_compile
 from gpt2x.speed.parallel import PARALLEL_STRATEGIES
 from gpt2x.speed.precision import AUTOCAST_DTYPES, MATMUL_PRECISIONS
 
 # Config groups whose option name is the key of a name -> code table.
-TABLES = {"attention": ATTENTION_KERNELS, "loss": LOSSES, "parallel": PARALLEL_STRATEGIES, "data": DATASETS}
+TABLES = {
+    "attention": ATTENTION_KERNELS,
+    "loss": LOSSES,
+    "parallel": PARALLEL_STRATEGIES,
+    "data": DATASETS,
+    "profile": PROFILERS,
+}
 # Overrides an option needs to compose at all (a mandatory `???` field).
 REQUIRED = {("data", "text"): ["data.path=/tmp"]}
 # torch.compile modes reachable only as `compile=default compile.mode=<mode>`, without an option file of their own.

@@ -119,6 +119,17 @@ def test_a_profiled_multirun_reports_the_split_per_rung_and_plots_it(tmp_path):
     assert (tmp_path / "0" / "trace.json.gz").is_file() and (tmp_path / "1" / "profile.md").is_file()
 
 
+@pytest.mark.slow  # 2 worker processes
+def test_under_ddp_rank_0_profiles_and_the_wait_for_the_gradient_all_reduce_is_communication(tmp_path):
+    data = ["data=text", f"data.path={tiny_corpus()}"]
+    train_cli([*TINY, *data, *TRACE, "peak_flops=1e12", "parallel=ddp", f"hydra.run.dir={tmp_path}"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    split = summary["profile_ms"]
+    assert split["communication"] > 0
+    assert sum(split.values()) == pytest.approx(summary["profile_step_ms"], rel=0.05)
+    assert sorted(p.name for p in tmp_path.glob("trace*")) == ["trace.json.gz"]  # one trace: rank 0's
+
+
 @pytest.mark.slow  # W&B's service process
 def test_with_logger_wandb_the_trace_and_profile_md_are_logged_as_an_artifact(tmp_path, monkeypatch):
     from wandb_offline import artifacts, find_runs, read_run

@@ -222,6 +222,7 @@ class TraceProfiler:
         self._prof = None
         self._started = False
         self._kernel_profile = None  # inductor's setting before this run changed it
+        self._memory_history = False  # CUDA allocator history being recorded (profile.memory)
         if cfg.start_step < first_step:
             log.info("profile: the run starts at step %d, after profile.start_step=%d; nothing is profiled",
                      first_step, cfg.start_step)  # fmt: skip
@@ -242,6 +243,7 @@ class TraceProfiler:
             # part of the compile cache key, so profiled runs compile their own kernels. Restored by finish().
             import torch._inductor.config as inductor_config
 
+            # A run that raises leaves it on for the rest of the process (its later compiles still run correctly).
             self._kernel_profile = inductor_config.cpp.enable_kernel_profile
             inductor_config.cpp.enable_kernel_profile = True
         if cfg.memory and not self.on_device:
@@ -264,8 +266,9 @@ class TraceProfiler:
             self._prof.start()
             self._started = True
         if self.collecting:
-            if self.on_device and self.cfg.memory and self._prof.current_action == ProfilerAction.WARMUP:
-                torch.cuda.memory._record_memory_history(max_entries=100_000)
+            if self.on_device and self.cfg.memory and not self._memory_history:
+                torch.cuda.memory._record_memory_history(max_entries=100_000)  # every alloc/free, with its stack
+                self._memory_history = True
             self._label = record_function(STEP_LABEL)
             self._label.__enter__()
 
@@ -299,9 +302,6 @@ class TraceProfiler:
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
         """Stop the profiler (a run that ends inside the recorded steps keeps the steps it recorded), write
         profile.md, and return the figures for summary.json; `results`: the run's summary so far."""
-        if self._label is not None:  # the loop ended inside a step (stop_at_target breaks before training one)
-            self._label.__exit__(None, None, None)
-            self._label = None
         if self._started:
             self._prof.__exit__(None, None, None)  # stop; inside the recorded steps this calls _trace_ready
         if self._kernel_profile is not None:

@@ -49,6 +49,9 @@ TRACE = ["optim.max_steps=5", "profile=trace", "profile.steps=3", "eval_interval
         ("nccl:all_reduce", None, "communication"),
         ("## Call CompiledFxGraph fabc ##", None, "other"),
         ("autograd::engine::evaluate_function: MmBackward0", None, "other"),
+        ("autograd::engine::evaluate_function: LogSoftmaxBackward0", None, "other"),
+        ("LogSoftmaxBackward0", None, "other"),
+        ("CompiledFunctionBackward", None, "other"),
         ("train/forward", None, "other"),
     ],
 )

@@ -61,6 +61,8 @@ _ATTENTION = ("scaled_dot_product", "flash_attention", "efficient_attention", "c
 _SOFTMAX_CE = ("softmax", "cross_entropy", "nll_loss", "logsumexp")  # softmax also matches log_softmax
 # aten::mm, aten::_addmm_activation, a fused kernel holding an addmm (triton_tem_fused_addmm_gelu_0)
 _MATMUL = re.compile(r"(^aten::|_)(mm|addmm|bmm|baddbmm|matmul|linear|_scaled_mm)(_|$)")
+# autograd's graph nodes (MmBackward0, CompiledFunctionBackward): their own time is bookkeeping, their ops are children
+_AUTOGRAD_NODE = re.compile(r"Backward\d*$")
 # ops that only make a view, read metadata or allocate: no arithmetic, so not elementwise
 _METADATA = {
     "view", "reshape", "_reshape_alias", "_unsafe_view", "t", "transpose", "permute", "expand", "expand_as",
@@ -77,10 +79,11 @@ def categorize(name: str, region: str | None = None) -> str:
     label are data / optimizer (so are `Optimizer.*` ranges, `_foreach_*` and fused AdamW kernels); then SDPA and
     flash kernels are attention; softmax, log_softmax, cross_entropy, nll_loss, logsumexp are softmax/CE (textbook
     attention's softmax too: an op's name does not say which softmax it is); mm/addmm/bmm/matmul/linear are matmul;
-    any other aten op or compiled kernel is elementwise/norms, except view and allocation ops. Everything else is
-    other: the loop's own labels, autograd's bookkeeping, the Python of compiled graphs between their kernels; but
-    where such time passes while a collective runs on another thread (DDP's gloo all-reduce during backward), it is
-    the step waiting for that collective, and counts as communication (`split_steps`).
+    any other aten op or compiled kernel is elementwise/norms (dtype casts under autocast too), except view and
+    allocation ops. Everything else is other: the loop's own labels, autograd's bookkeeping (its `evaluate_function`
+    and `...Backward0` ranges: the ops they run are their children; freeing saved tensors stays with them), the Python
+    of compiled graphs between their kernels; but where such time passes while a collective runs on another thread
+    (DDP's gloo all-reduce during backward), it is the step waiting for that collective: communication (`split_steps`).
 
     Compiled graphs: inductor calls matmuls as aten ops (aten::mm), and its fused kernels are named after the ops
     they fuse (`cpp_fused__log_softmax_add_...`, `triton_red_fused_native_layer_norm_...`; on CPU the profiler turns
@@ -92,6 +95,8 @@ def categorize(name: str, region: str | None = None) -> str:
         return "communication"
     if region is not None:
         return region
+    if n.startswith("autograd::") or _AUTOGRAD_NODE.search(name):  # LogSoftmaxBackward0 is no softmax: bookkeeping
+        return "other"
     if n.startswith("optimizer.") or "_foreach_" in n or "fused_adam" in n:
         return "optimizer"
     if any(w in n for w in _ATTENTION):

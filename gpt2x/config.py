@@ -170,7 +170,8 @@ class ProfileConfig:
     """torch.profiler over a few training steps (gpt2x/run/profile.py); name `none` adds nothing to the loop."""
 
     name: str = "none"  # none, trace: a key of gpt2x.run.profile.PROFILERS
-    start_step: int = 3  # first recorded step (trace.yaml: ${timing_warmup_steps}, the first timed step)
+    # first recorded step; default: the first timed one, when compilation and allocator warm-up are behind
+    start_step: int = "${timing_warmup_steps}"  # type: ignore[assignment]  (an int once resolved)
     steps: int = 3  # recorded steps; profile.md gives the mean per step
     record_shapes: bool = False  # input shapes of each op in the trace (more overhead, larger file)
     with_stack: bool = False  # Python stack of each op in the trace (much more overhead and a larger file)

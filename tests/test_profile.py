@@ -35,6 +35,8 @@ TRACE = ["optim.max_steps=5", "profile=trace", "profile.steps=3", "eval_interval
         ("aten::logsumexp", None, "softmax/CE"),
         ("graph_0_cpp_fused__log_softmax_add_arange_embedding_native_layer_norm_0", None, "softmax/CE"),
         ("graph_0_cpp_fused_gelu_gelu_backward_sum_view_2", None, "elementwise/norms"),
+        ("graph_4_cpp_fused__scaled_dot_product_flash_attention_for_cpu_backward__to_copy_sum_3", None,
+         "elementwise/norms"),  # fmt: skip
         ("triton_per_fused_native_layer_norm_3", None, "elementwise/norms"),
         ("aten::native_layer_norm_backward", None, "elementwise/norms"),
         ("aten::mul", None, "elementwise/norms"),

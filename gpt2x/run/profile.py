@@ -88,7 +88,8 @@ def categorize(name: str, region: str | None = None) -> str:
     Compiled graphs: inductor calls matmuls as aten ops (aten::mm), and its fused kernels are named after the ops
     they fuse (`cpp_fused__log_softmax_add_...`, `triton_red_fused_native_layer_norm_...`; on CPU the profiler turns
     inductor's kernel profiling on so that they show at all). A fused kernel goes by the first rule its name
-    matches, so one that fuses a log_softmax with an add counts as softmax/CE, and the rest are elementwise/norms.
+    matches, so one that fuses a log_softmax with an add counts as softmax/CE, and the rest are elementwise/norms;
+    but never attention: inductor keeps SDPA an aten call, and a kernel named after it casts or sums its tensors.
     """
     n = name.lower()
     if any(w in n for w in _COMMUNICATION):
@@ -99,15 +100,16 @@ def categorize(name: str, region: str | None = None) -> str:
         return "other"
     if n.startswith("optimizer.") or "_foreach_" in n or "fused_adam" in n:
         return "optimizer"
-    if any(w in n for w in _ATTENTION):
-        return "attention"
+    fused = "fused_" in n  # a compiled kernel, named after the ops it fuses
+    if any(w in n for w in _ATTENTION) and not fused:  # inductor calls SDPA as an aten op; a fused kernel named
+        return "attention"  # after it only casts or sums its inputs or gradients
     if any(w in n for w in _SOFTMAX_CE):
         return "softmax/CE"
     if _MATMUL.search(n):
         return "matmul"
     if n.startswith("aten::"):
         return "other" if n.removeprefix("aten::") in _METADATA else "elementwise/norms"
-    if "fused_" in n or n.startswith("triton_"):
+    if fused or n.startswith("triton_"):
         return "elementwise/norms"
     return "other"
 

@@ -11,7 +11,7 @@ compilation and allocator warm-up are behind) on rank 0 and writes into the run 
 
 The loop sees one object; under `profile=none` it is a `NullProfiler`, whose calls create nothing and do nothing:
 
-    profiler = build_profiler(cfg, run_dir, dist, device, start_step)
+    profiler = build_profiler(cfg, run_dir, dist.is_main, device, start_step)
     profiler.begin_step()                  # before timer.start(): advances the profiler's schedule
     with profiler.region("data"): ...      # labels around data, forward, backward, optimizer
     profiler.end_step(ms)                  # after timer.stop(), with the step's ms_per_batch
@@ -21,7 +21,8 @@ How the split is counted: each op inside a recorded step (the loop's `train/step
 its own time without the ops it called, so nothing counts twice and the categories add up to the step. On CPU that
 is host time: the ops run on the calling thread (backward too), and their self times add up to the step's wall time
 exactly. On CUDA it is GPU time: each op's self kernel time, and "other" also takes the rest of the step, when the GPU
-waits for the host. Which op goes where: `categorize`.
+waits for the host (kernels that overlap, NCCL's beside compute, each count in full, so there the sum can exceed the
+step). Which op goes where: `categorize`. Not yet run on a GPU: the CUDA path is untested.
 
 Under DDP/FSDP rank 0 alone profiles (it writes the run dir's files); the other ranks run the NullProfiler.
 """

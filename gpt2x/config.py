@@ -207,6 +207,20 @@ class LoggerConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over a few training steps (gpt2x/run/profile.py); name `none` adds nothing to the loop."""
+
+    name: str = "none"  # none, trace: a key of gpt2x.run.profile.PROFILERS
+    # first recorded step; default: the first timed one, when compilation and allocator warm-up are behind
+    start_step: int = "${timing_warmup_steps}"  # type: ignore[assignment]  (an int once resolved)
+    steps: int = 3  # recorded steps; profile.md gives the mean per step
+    record_shapes: bool = False  # input shapes of each op in the trace (more overhead, larger file)
+    with_stack: bool = False  # Python stack of each op in the trace (much more overhead and a larger file)
+    memory: bool = False  # allocations in the trace; on CUDA also memory_snapshot.pickle (pytorch.org/memory_viz)
+    top_ops: int = 15  # operators listed in profile.md's top table
+
+
+@dataclass
 class TrainConfig:
     """Root config: the groups plus run-level settings."""
 
@@ -221,6 +235,7 @@ class TrainConfig:
     activation_checkpoint: ActivationCheckpointConfig = MISSING
     parallel: ParallelConfig = MISSING
     logger: LoggerConfig = MISSING
+    profile: ProfileConfig = MISSING
 
     experiment: str | None = None  # name of the experiment preset, if any (W&B job_type, report title)
     rung: str | None = None  # name of the optimization-ladder rung, if any
@@ -269,6 +284,7 @@ GROUPS = {
     "activation_checkpoint": ActivationCheckpointConfig,
     "parallel": ParallelConfig,
     "logger": LoggerConfig,
+    "profile": ProfileConfig,
 }
 DATA_SCHEMAS = {
     "shakespeare": ShakespeareDataConfig,

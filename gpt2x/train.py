@@ -37,6 +37,7 @@ from gpt2x.run.metrics import (
     reset_peak_memory,
     run_and_release,
 )
+from gpt2x.run.profile import build_profiler
 from gpt2x.run.record import build_run_record, run_summary, write_run_record
 from gpt2x.run.rundir import check_run_dir, last_logged_step, restore_hydra_config
 from gpt2x.run.target import TargetTracker, objective_value
@@ -134,6 +135,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     start_step = checkpointer.resume(raw_model, optimizer, train_loader)
     timer, record = start_run_record(cfg, run_dir, dist, device, precision, raw_model, accum, checkpointer.resumed)
     logger = build_logger(cfg, run_dir, dist.is_main, start_step)
+    profiler = build_profiler(cfg, run_dir, dist.is_main, device, start_step)  # profile=none: does nothing
 
     # training wall time (steps only) and the first eval at or below target_val_loss; continues across a resume
     target = TargetTracker(cfg.target_val_loss, timer.tokens_per_step, cfg.stop_at_target,
@@ -159,29 +161,35 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             logger.log_samples(step, sample(raw_model, cfg, precision, device))
 
         # -- one optimizer step over `accum` micro-batches
+        profiler.begin_step()
         timer.start()
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(accum):
-            x, y = host_to_device(*train_loader.next_batch(), device=device)
-            with parallel.maybe_no_sync(model, sync=micro_step == accum - 1), precision.autocast():
+            with profiler.region("data"):
+                x, y = host_to_device(*train_loader.next_batch(), device=device)
+            sync = micro_step == accum - 1
+            with parallel.maybe_no_sync(model, sync=sync), precision.autocast(), profiler.region("forward"):
                 _, loss = model(x, y, return_logits=False)  # only the loss: compiled, no logits are written out
             # The loss is a mean over one micro-batch; gradients add up over micro-steps, so divide to get the
             # gradient of the mean over the whole batch rather than the sum of `accum` means.
             loss = loss / accum
             loss_accum += loss.detach()
-            precision.scaler.scale(loss).backward()
+            with profiler.region("backward"):
+                precision.scaler.scale(loss).backward()
         parallel.all_reduce_mean(loss_accum)
-        precision.scaler.unscale_(optimizer)
-        grad_norm = parallel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
-        scale = lr_scale(step, cfg.optim)
-        for group in optimizer.param_groups:
-            group["lr"] = scale * group["base_lr"]  # each group's own peak lr (optim=muon: several)
-        lr = scale * cfg.optim.lr  # logged: the schedule at optim.lr, AdamW's peak
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+        with profiler.region("optimizer"):
+            precision.scaler.unscale_(optimizer)
+            grad_norm = parallel.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            scale = lr_scale(step, cfg.optim)
+            for group in optimizer.param_groups:
+                group["lr"] = scale * group["base_lr"]  # each group's own peak lr (optim=muon: several)
+            lr = scale * cfg.optim.lr  # logged: the schedule at optim.lr, AdamW's peak
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
         metrics |= timer.stop()
+        profiler.end_step(metrics["ms_per_batch"])
         target.add_train_time(metrics["ms_per_batch"] / 1000)
 
         last_loss, norm = loss_accum.item(), grad_norm.item()
@@ -194,6 +202,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     steps = target.reached["step_to_target"] if target.should_stop else max_steps
     results = {"steps": steps, "final_loss": last_loss, "final_val_loss": val_loss, **timer.summary(),
                **target.summary(), "peak_mem_bytes": peak_memory_bytes(device)}  # fmt: skip
+    results |= profiler.finish(results)
+    logger.log_files(profiler.files)  # trace and profile.md as a W&B artifact
     logger.finish(results)
     parallel.destroy()
     return run_summary(record, results)

@@ -19,6 +19,7 @@ from gpt2x.model.components import check_model, smallest_window
 from gpt2x.model.loss import LOSSES
 from gpt2x.optim import check_optim
 from gpt2x.run.metrics import check_peak_settings
+from gpt2x.run.profile import check_profile
 from gpt2x.run.target import check_target_settings
 from gpt2x.speed.checkpointing import check_activation_checkpoint
 from gpt2x.speed.compile import check_compile
@@ -55,6 +56,7 @@ def validate(cfg: DictConfig, device: torch.device, world_size: int) -> None:
     check_activation_checkpoint(cfg.activation_checkpoint)
     check_peak_settings(cfg.peak_probe, cfg.peak_flops)
     check_target_settings(cfg)
+    check_profile(cfg.profile, cfg.optim.max_steps)
     check_parallel(cfg.parallel, cfg.precision, device, world_size)
 
 

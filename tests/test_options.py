@@ -16,6 +16,7 @@ from gpt2x.data import DATASETS
 from gpt2x.model.attention import ATTENTION_KERNELS
 from gpt2x.model.loss import LOSSES
 from gpt2x.optim import OPTIMIZERS, SCHEDULES
+from gpt2x.run.profile import PROFILERS
 from gpt2x.speed.checkpointing import ACTIVATION_CHECKPOINTS
 from gpt2x.speed.compile import COMPILE_MODES, check_compile
 from gpt2x.speed.parallel import PARALLEL_STRATEGIES
@@ -29,6 +30,7 @@ TABLES = {
     "parallel": PARALLEL_STRATEGIES,
     "data": DATASETS,
     "optim": OPTIMIZERS,
+    "profile": PROFILERS,
 }
 # Overrides an option needs to compose at all (a mandatory `???` field).
 REQUIRED = {("data", "text"): ["data.path=/tmp"]}

@@ -23,7 +23,8 @@ def test_help_says_what_gpt2x_is_and_lists_only_real_choices():
     assert "powered by Hydra" not in out and "base_" not in out and "schema" not in out
     choices = dict(line.split(": ", 1) for line in out.split("== Config groups (group=choice) ==")[1].split("==")[0]
                    .strip().splitlines())  # fmt: skip
-    for group in ("model", "data", "precision", "attention", "loss", "compile", "parallel", "logger", "rung", "optim"):
+    for group in ("model", "data", "precision", "attention", "loss", "compile", "parallel", "logger", "profile", "rung",
+                  "optim"):
         files = sorted(p.stem for p in (REPO / "conf" / group).glob("*.yaml"))
         assert choices[group].split(", ") == files, group
     assert "resume_allow" in out and "gpt2x-train -sc install=bash" in out

@@ -214,3 +214,13 @@ def _history_row(h: Any) -> dict[str, Any]:
     if h.HasField("step") and "_step" not in row:
         row["_step"] = h.step.num
     return row
+
+
+def artifacts(path: str | Path) -> list[dict[str, Any]]:
+    """The artifacts a run logged, in order: `{"name", "type", "files"}`, files by their names in the artifact."""
+    found = []
+    for record in iter_records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            a = record.artifact
+            found.append({"name": a.name, "type": a.type, "files": [entry.path for entry in a.manifest.contents]})
+    return found

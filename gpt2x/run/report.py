@@ -9,6 +9,8 @@ A run is named by its ladder rung when it has one (`rung=bf16`), else by the ove
 the sweep (`precision=bf16 attention=flash`); overrides shared by every run are listed once above the table. Runs
 whose names differ only in `seed=` are one configuration: gpt2x/seeds.py adds the per-configuration table
 (`sweep_seeds.csv`, and in `sweep.md` when there are seeds or a target) and the loss curves (`sweep_curves.png`).
+Runs under `profile=trace` add a table of where the step time goes to `sweep.md` and `sweep_profile.png`
+(gpt2x/run/profile.py).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2x.run import seeds
+from gpt2x.run import profile, seeds
 from gpt2x.run.logger import RunLogger, _start_wandb
 from gpt2x.run.record import read_run_summary, run_group
 
@@ -137,6 +139,9 @@ def build_rows(sweep_dir: Path, baseline: str | None = None) -> tuple[list[dict[
             "run_dir": str(j["dir"]),
             "error": j["error"],
             "speedup": None,
+            # profile=trace: ms per step by category (the split table and sweep_profile.png; not CSV columns)
+            "profile_ms": s.get("profile_ms"),
+            "profile_step_ms": s.get("profile_step_ms"),
         }
         rows.append(row)
     configs = list(dict.fromkeys(r["config"] for r in rows))
@@ -248,13 +253,15 @@ def render_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     if groups := meta.get("groups"):
         if meta["has_target"] or any(g["n"] > 1 for g in groups):
             lines += ["", seeds.render_groups_markdown(groups, _fmt)]
+    if any(r.get("profile_ms") for r in rows):
+        lines += ["", profile.sweep_markdown(rows)]
     return "\n".join(lines) + "\n"
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, columns=CSV_COLUMNS) -> None:
     """All `columns`, one row per run (or per configuration), raw numbers (fractions, bytes, ms)."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")  # rows also hold profile_ms
         writer.writeheader()
         writer.writerows(rows)
 
@@ -323,6 +330,9 @@ def write_report(sweep_dir: str | Path, echo: bool = False, baseline: str | None
     paths["sweep.md"].write_text(markdown, encoding="utf-8")
     plot(rows, meta, paths["sweep.png"])
     seeds.plot_curves(rows, meta["title"], paths["sweep_curves.png"])
+    if any(r.get("profile_ms") for r in rows):  # profile=trace: the split by category, per run
+        paths["sweep_profile.png"] = sweep_dir / "sweep_profile.png"
+        profile.plot_sweep(rows, meta["title"], paths["sweep_profile.png"])
     if echo:
         print(markdown, flush=True)
         print(f"report: {', '.join(str(p) for p in paths.values())}", flush=True)

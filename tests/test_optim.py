@@ -215,7 +215,7 @@ def test_a_resume_takes_moments_from_the_checkpoint_and_lrs_from_this_runs_confi
             del group["base_lr"]
     new = build_optimizer(model, compose(["optim=muon", "optim.lr=1e-3", "optim.muon_lr=0.05"]).optim, "cpu")
     load_full_state_dicts(model, new, model.state_dict(), saved)
-    assert [g["base_lr"] for g in new.param_groups] == [0.05, 1e-3, 1e-3]
+    assert [g["base_lr"] for g in new.param_groups] == [0.05, 1e-2, 1e-3]  # hidden, embed (muon.yaml), scalar
     buffer = old.optimizers["muon"].state[model.transformer.h[0].mlp.c_fc.weight]["momentum_buffer"]
     assert torch.equal(new.optimizers["muon"].state[model.transformer.h[0].mlp.c_fc.weight]["momentum_buffer"], buffer)
 

@@ -215,7 +215,7 @@ def test_a_resume_takes_moments_from_the_checkpoint_and_lrs_from_this_runs_confi
             del group["base_lr"]
     new = build_optimizer(model, compose(["optim=muon", "optim.lr=1e-3", "optim.muon_lr=0.05"]).optim, "cpu")
     load_full_state_dicts(model, new, model.state_dict(), saved)
-    assert [g["base_lr"] for g in new.param_groups] == [0.05, 1e-3, 1e-3]
+    assert [g["base_lr"] for g in new.param_groups] == [0.05, 1e-2, 1e-3]  # hidden, embed (muon.yaml), scalar
     buffer = old.optimizers["muon"].state[model.transformer.h[0].mlp.c_fc.weight]["momentum_buffer"]
     assert torch.equal(new.optimizers["muon"].state[model.transformer.h[0].mlp.c_fc.weight]["momentum_buffer"], buffer)
 
@@ -273,7 +273,9 @@ def muon_single(tmp_path_factory) -> list[float]:
 def test_muon_under_ddp_two_procs_equals_one_proc_with_double_accumulation(muon_single, tmp_path):
     """DDP all-reduces the gradients before the step, so each rank's Muon orthogonalizes the same whole matrices."""
     got = launch_muon(tmp_path / "ddp", ["parallel=ddp", "parallel.nproc_per_node=2"])
-    assert got == pytest.approx(muon_single, abs=1e-5), f"ddp {got} vs single {muon_single}"
+    # 1e-4, not fp32's 1e-5: the all-reduce sums gradients in another order, and Muon's bf16 Newton-Schulz can round
+    # such a last-bit difference to the next bf16 value (seen: 4e-5 at step 2 with embed_lr 1e-2)
+    assert got == pytest.approx(muon_single, abs=1e-4), f"ddp {got} vs single {muon_single}"
 
 
 @pytest.mark.slow

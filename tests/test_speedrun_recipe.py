@@ -11,6 +11,7 @@ import torch
 from helpers import CONF_DIR, compose, losses, run_train, yaml_options
 from omegaconf import OmegaConf
 
+from gpt2x.run.report import config_label
 from gpt2x.validate import validate
 
 TECHNIQUES = yaml_options("technique")
@@ -98,3 +99,10 @@ def test_the_full_recipe_trains_a_tiny_model(tmp_path):
     assert len(trained) == 8 and all(math.isfinite(x) for x in trained)
     assert max(trained[-3:]) < trained[0] - 0.1, trained  # it learns, not just runs
     assert summary["final_val_loss"] < trained[0]
+
+
+def test_a_recipe_run_is_labelled_by_its_rung_alone_in_reports():
+    """recipe=X sets rung X: `muon`, not `muon recipe=muon`, so report_baseline=baseline names the baseline recipe."""
+    assert config_label("muon", ["recipe=muon", "seed=2"]) == ("muon", "seed=2")
+    assert config_label("muon", ["recipe=muon", "optim.lr=1e-3"]) == ("muon optim.lr=1e-3", "")
+    assert config_label(None, ["recipe=muon"]) == ("recipe=muon", "")  # no rung recorded: the override is the name

@@ -172,10 +172,13 @@ def build_rows(sweep_dir: Path, baseline: str | None = None) -> tuple[list[dict[
 
 
 def config_label(rung: str | None, own: list[str]) -> tuple[str, str]:
-    """(configuration, seed) labels of a run: the rung and its own overrides but `seed=`, and the `seed=` override."""
+    """(configuration, seed) labels of a run: the rung and its own overrides but `seed=`, and the `seed=` override.
+
+    `recipe=X` is left out of the label too: every recipe names its rung X (conf/recipe/), so the rung already says it.
+    """
     keys = [o.split("=", 1)[0].lstrip("+~") for o in own]
     seed = " ".join(o for o, k in zip(own, keys, strict=True) if k == "seed")
-    rest = [o for o, k in zip(own, keys, strict=True) if k not in ("seed", "rung")]
+    rest = [o for o, k in zip(own, keys, strict=True) if k not in ("seed", "rung") and not (rung and k == "recipe")]
     return " ".join(([rung] if rung else []) + rest), seed
 
 

@@ -184,13 +184,17 @@ def plot_curves(rows: list[dict[str, Any]], title: str, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
     groups = group_runs([r for r in rows if r["status"] == "ok"])
-    for label, runs in groups.items():
+    # a speedrun sweep has 12-24 configurations: beyond matplotlib's 10 colours, the line style tells them apart
+    colors = plt.get_cmap("tab10" if len(groups) <= 10 else "tab20").colors
+    for i, (label, runs) in enumerate(groups.items()):
         curves = [val_curve(Path(r["run_dir"]), r.get("tokens_per_step")) for r in runs]
+        style = {"color": colors[i % len(colors)], "linestyle": ("-", "--", ":")[i // len(colors) % 3]}
         for ax, x in zip(axes, ("tokens", "train_time_s"), strict=True):
             xs, means, stds = mean_curve(curves, x)
             if not xs:
                 continue
-            (line,) = ax.plot(xs, means, marker="." if len(xs) < 30 else None, label=f"{label} (n={len(runs)})")
+            (line,) = ax.plot(xs, means, marker="." if len(xs) < 30 else None, label=f"{label} (n={len(runs)})",
+                              **style)  # fmt: skip
             lo = [m - s for m, s in zip(means, stds, strict=True)]
             hi = [m + s for m, s in zip(means, stds, strict=True)]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)

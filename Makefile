@@ -23,7 +23,7 @@ train: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
-# Everything but the tests marked slow (subprocesses, worker processes, torch.compile): under a minute on 2 CPU cores.
+# Everything but the tests marked slow (subprocesses, worker processes, torch.compile): about a minute on 2 CPU cores.
 test-fast: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
